@@ -1,0 +1,40 @@
+"""Input validation shared by the whole library: errors name the argument and the expected form,
+and nothing is silently broadcast or cast."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+
+def check_tensor(
+    x,
+    name: str,
+    *,
+    ndim: int | None = None,
+    shape: Sequence[int | None] | None = None,
+    finite: bool = True,
+    floating: bool = True,
+) -> torch.Tensor:
+    """Validate ``x`` and return it as a torch tensor (numpy arrays are wrapped without copying).
+
+    ``shape`` may hold ``None`` for free dimensions, e.g. ``(None, 1, 64, 64)``.
+    """
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
+    if floating and not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if ndim is not None and x.ndim != ndim:
+        want = f" {tuple('N' if s is None else s for s in shape)}" if shape is not None else ""
+        raise ValueError(f"{name} must have {ndim} dimensions{want}, got shape {tuple(x.shape)}")
+    if shape is not None:
+        if len(shape) != x.ndim or any(s is not None and s != d for s, d in zip(shape, x.shape)):
+            want = tuple("N" if s is None else s for s in shape)
+            raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
+    if finite and x.numel() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or inf values")
+    return x
