@@ -9,6 +9,11 @@ import numpy as np
 import torch
 
 
+def format_shape(shape: Sequence[int | None]) -> str:
+    """``(N, 1, 64, 64)`` for ``(None, 1, 64, 64)``."""
+    return "(" + ", ".join("N" if s is None else str(s) for s in shape) + ")"
+
+
 def check_tensor(
     x,
     name: str,
@@ -17,11 +22,14 @@ def check_tensor(
     shape: Sequence[int | None] | None = None,
     finite: bool = True,
     floating: bool = True,
+    context: str = "",
 ) -> torch.Tensor:
     """Validate ``x`` and return it as a torch tensor (numpy arrays are wrapped without copying).
 
-    ``shape`` may hold ``None`` for free dimensions, e.g. ``(None, 1, 64, 64)``.
+    ``shape`` may hold ``None`` for free dimensions, e.g. ``(None, 1, 64, 64)``; ``context`` (e.g. the
+    geometry) is appended to shape errors so the user sees why that shape is expected.
     """
+    ctx = f" for {context}" if context else ""
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(x)
     if not isinstance(x, torch.Tensor):
@@ -29,12 +37,11 @@ def check_tensor(
     if floating and not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if ndim is not None and x.ndim != ndim:
-        want = f" {tuple('N' if s is None else s for s in shape)}" if shape is not None else ""
-        raise ValueError(f"{name} must have {ndim} dimensions{want}, got shape {tuple(x.shape)}")
+        want = f" {format_shape(shape)}" if shape is not None else ""
+        raise ValueError(f"{name} must have {ndim} dimensions{want}{ctx}, got shape {tuple(x.shape)}")
     if shape is not None:
         if len(shape) != x.ndim or any(s is not None and s != d for s, d in zip(shape, x.shape)):
-            want = tuple("N" if s is None else s for s in shape)
-            raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
+            raise ValueError(f"{name} must have shape {format_shape(shape)}{ctx}, got {tuple(x.shape)}")
     if finite and x.numel() and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or inf values")
     return x

@@ -24,6 +24,23 @@ def _ray_setup(sx, sy, dx, dy, n, pixel):
     return horiz, scale
 
 
+@njit(cache=True, fastmath=True, inline="always")
+def _atan(t):
+    """atan for |t| < 1 without libm (vectorisable): one half-angle reduction
+    atan(t) = 2 atan(t / (1 + sqrt(1 + t^2))) then the odd Taylor series to t^15; the error is below
+    1e-9 rad for |t| <= 0.6, far under a channel (1e-3 rad) for any clinical fan."""
+    u = t / (1.0 + math.sqrt(1.0 + t * t))
+    u2 = u * u
+    p = -1.0 / 15.0
+    p = 1.0 / 13.0 + u2 * p
+    p = -1.0 / 11.0 + u2 * p
+    p = 1.0 / 9.0 + u2 * p
+    p = -1.0 / 7.0 + u2 * p
+    p = 1.0 / 5.0 + u2 * p
+    p = -1.0 / 3.0 + u2 * p
+    return 2.0 * u * (1.0 + u2 * p)
+
+
 @njit(cache=True, fastmath=True, parallel=True)
 def fp_joseph(img, src, dirs, pixel, out):
     """img (H, W) -> out (V, C); src (V, 2), dirs (V, C, 2) in world mm."""
@@ -144,7 +161,7 @@ def bp_fbp(q, src, e_c, e_u, pixel, curved, step, first, sid, sdd, dbeta, out):
                 lc = rx * e_c[v, 0] + ry * e_c[v, 1]
                 lu = rx * e_u[v, 0] + ry * e_u[v, 1]
                 if curved:
-                    coord = math.atan2(lu, lc)
+                    coord = _atan(lu / lc)  # lc > 0: the source lies outside the image
                     wgt = 1.0 / (rx * rx + ry * ry)
                 else:
                     coord = sdd * lu / lc

@@ -170,8 +170,8 @@ class FanBeamOperator:
 
     def _check_image(self, x, name: str) -> torch.Tensor:
         n = self.geometry.image_size
-        return check_tensor(x, name, ndim=4, shape=(None, 1, n, n))
+        return check_tensor(x, name, ndim=4, shape=(None, 1, n, n), context=f"geometry {self.geometry.name!r}")
 
     def _check_sino(self, y, name: str) -> torch.Tensor:
         v, c = self.geometry.sino_shape
-        return check_tensor(y, name, ndim=4, shape=(None, 1, v, c))
+        return check_tensor(y, name, ndim=4, shape=(None, 1, v, c), context=f"geometry {self.geometry.name!r}")

@@ -4,6 +4,7 @@ AAPM CT-MAR convention (REFERENCE §3): mu [1/mm] = MU_WATER * (1 + HU / 1000) w
 """
 
 from __future__ import annotations
+
 MU_WATER = 0.02  # 1/mm
 HU_AIR = -1000.0
 
