@@ -1,0 +1,1 @@
+"""Ray entrypoints (orchestration only: every algorithm lives in ``dudocrop``)."""
