@@ -161,7 +161,7 @@ class FanBeamGeometry:
             n_views=n_views,
             n_channels=n_channels,
             channel_spacing=span / n_channels,
-            channel_offset=self.channel_offset * self.n_channels / n_channels,
+            channel_offset=self.channel_offset * n_channels / self.n_channels,  # same physical offset
         )
 
     def to_dict(self) -> dict:

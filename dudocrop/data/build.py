@@ -1,0 +1,196 @@
+"""From a data source to shards: list the slices (cheap, on the driver), plan deterministic shards, and build
+one shard (read or simulate every slice, derive the metal trace, validate, write atomically).
+
+``ray_jobs/prepare_data.py`` runs :func:`build_shard` for every planned shard as a Ray Data map; everything
+here is plain Python so a unit test (or a laptop without Ray) can call it directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from dudocrop.ct.geometry import FanBeamGeometry, get_geometry
+from dudocrop.ct.operators import FanBeamOperator
+from dudocrop.ct.trace import metal_trace
+from dudocrop.ct.units import hu_to_mu
+from dudocrop.data import aapm, clinical
+from dudocrop.data.schema import SOURCES, records_to_table
+from dudocrop.data.shards import ShardInfo, assign_split, write_shard
+
+
+@dataclass(frozen=True)
+class CaseRef:
+    """One slice to build: enough to read or simulate it anywhere in the cluster."""
+
+    case_id: str
+    patient_id: str
+    slice_index: int
+    source: str
+    anatomy: str
+    locator: str = ""  # source-specific: an AAPM case id, a volume path, a synthetic seed
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    name: str
+    split: str
+    refs: tuple[CaseRef, ...]
+
+    def to_json(self) -> str:
+        return json.dumps({"name": self.name, "split": self.split, "refs": [asdict(r) for r in self.refs]})
+
+    @classmethod
+    def from_json(cls, s: str) -> ShardSpec:
+        d = json.loads(s)
+        return cls(d["name"], d["split"], tuple(CaseRef(**r) for r in d["refs"]))
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """Everything that determines the content of a slice (recorded in the manifest)."""
+
+    source: str
+    geometry: str
+    root: str | None = None
+    layout: dict = field(default_factory=dict)  # AAPMLayout fields
+    anatomy: str = "body"
+    n_patients: int = 8
+    slices_per_patient: int = 2
+    seed: int = 0
+    simulation: str = "aapm_like"  # a simulator settings preset
+    metal_threshold_hu: float = clinical.METAL_THRESHOLD_HU
+    trace_dilation: int = 0
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
+        if self.source in ("aapm", "clinical") and not self.root:
+            raise ValueError(f"source={self.source!r} needs root= (the folder to read)")
+        get_geometry(self.geometry)
+
+
+# ---- listing ---------------------------------------------------------------------------------------
+def list_case_refs(opts: SourceOptions) -> list[CaseRef]:
+    """Every slice the source provides, in a deterministic order."""
+    if opts.source == "aapm":
+        layout = aapm.AAPMLayout(**opts.layout)
+        refs = []
+        for case in aapm.list_cases(opts.root, layout):
+            anatomy = aapm.case_anatomy(opts.root, case, layout)
+            if anatomy != opts.anatomy:  # body and head have different fields of view: one run each
+                continue
+            m = re.match(layout.patient_regex, case)
+            refs.append(CaseRef(case, m.group(1) if m else case, 0, "aapm", anatomy, case))
+        return refs
+    if opts.source == "clinical":
+        return _clinical_refs(opts)
+    refs = []
+    for p in range(opts.n_patients):
+        pid = f"synthetic-{opts.seed}-{p:05d}"
+        for s in range(opts.slices_per_patient):
+            refs.append(CaseRef(f"{pid}/{s:03d}", pid, s, "synthetic", opts.anatomy, pid))
+    return refs
+
+
+def _clinical_refs(opts: SourceOptions) -> list[CaseRef]:
+    root = opts.root
+    vols = []
+    if os.path.isfile(root):
+        vols = [root]
+    else:
+        for dirpath, dirnames, filenames in sorted(os.walk(root)):
+            dirnames.sort()
+            nii = sorted(f for f in filenames if f.endswith((".nii", ".nii.gz")))
+            vols += [os.path.join(dirpath, f) for f in nii]
+            if not nii and any(f.lower().endswith(".dcm") or "." not in f for f in filenames):
+                vols.append(dirpath)
+    if not vols:
+        raise FileNotFoundError(f"no NIfTI files or DICOM folders under {root}")
+    refs = []
+    for v in vols:
+        vol, _ = _read_volume(v)
+        pid = os.path.relpath(v, root if os.path.isdir(root) else os.path.dirname(root))
+        for s in clinical.slices_with_metal(vol, opts.metal_threshold_hu):
+            refs.append(CaseRef(f"{pid}/{s:04d}", pid, s, "clinical", opts.anatomy, v))
+    return refs
+
+
+@lru_cache(maxsize=2)
+def _read_volume(path: str) -> tuple[np.ndarray, tuple[float, float]]:
+    return clinical.read_dicom_series(path) if os.path.isdir(path) else clinical.read_nifti(path)
+
+
+# ---- planning --------------------------------------------------------------------------------------
+def plan_shards(refs: list[CaseRef], shard_slices: int, val_fraction: float = 0.1,
+                test_fraction: float = 0.1) -> list[ShardSpec]:
+    """Group slices into shards of at most ``shard_slices`` per split, split by patient id (deterministic)."""
+    if shard_slices < 1:
+        raise ValueError(f"shard_slices must be >= 1, got {shard_slices}")
+    by_split: dict[str, list[CaseRef]] = {}
+    for r in sorted(refs, key=lambda r: (r.patient_id, r.slice_index, r.case_id)):
+        by_split.setdefault(assign_split(r.patient_id, val_fraction, test_fraction), []).append(r)
+    specs = []
+    for split in sorted(by_split):
+        rs = by_split[split]
+        for k in range(0, len(rs), shard_slices):
+            specs.append(ShardSpec(f"{split}-{k // shard_slices:05d}.parquet", split, tuple(rs[k:k + shard_slices])))
+    return specs
+
+
+# ---- building --------------------------------------------------------------------------------------
+def _seed_for(ref: CaseRef, base: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{base}:{ref.case_id}".encode()).digest()[:4], "little")
+
+
+def build_record(ref: CaseRef, opts: SourceOptions, op: FanBeamOperator) -> dict:
+    """One slice record (schema columns except split/checksum) for a case reference."""
+    g = op.geometry
+    if ref.source == "aapm":
+        rec = aapm.read_case(opts.root, ref.locator, aapm.AAPMLayout(**opts.layout), geometry=g)
+        implied = "aapm_head" if rec["anatomy"] == "head" else "aapm_body"
+        if g.name in ("aapm_body", "aapm_head") and g.name != implied:
+            raise ValueError(f"AAPM case {ref.case_id} is {rec['anatomy']} ({implied}), but this run writes "
+                             f"geometry {g.name!r}: prepare body and head cases separately")
+    elif ref.source == "clinical":
+        vol, spacing = _read_volume(ref.locator)
+        x_ma = clinical.resample_to_geometry(vol[ref.slice_index], spacing, g)
+        # segment at the native resolution: interpolation would lower the HU of small implants below threshold
+        native = clinical.metal_mask_from_hu(vol[ref.slice_index], opts.metal_threshold_hu)
+        mask = (clinical.resample_to_geometry(native, spacing, g, fill_hu=0.0) >= 0.5).astype(np.float32)
+        y_ma = op.fp(torch.from_numpy(hu_to_mu(x_ma).clip(min=0))[None, None])[0, 0].numpy()
+        rec = {"X_ma": x_ma, "Y_ma": y_ma, "X_ref": None, "Y_ref": None, "metal_mask": mask,
+               **aapm.metal_descriptors(mask, g)}
+    else:
+        rec = _simulate_record(ref, opts, op)
+    rec.update(case_id=ref.case_id, patient_id=ref.patient_id, slice_index=ref.slice_index, source=ref.source,
+               anatomy=rec.get("anatomy", ref.anatomy), geometry=g.name, pixel_spacing_mm=g.pixel_size)
+    if rec.get("metal_trace") is None:
+        m = torch.from_numpy(np.asarray(rec["metal_mask"], np.float32))[None, None]
+        rec["metal_trace"] = metal_trace(m, op, opts.trace_dilation)[0, 0].numpy().astype(np.float32)
+    return rec
+
+
+def _simulate_record(ref: CaseRef, opts: SourceOptions, op: FanBeamOperator) -> dict:
+    from dudocrop.data.synthetic import simulate_slice
+
+    return simulate_slice(ref.anatomy, op, _seed_for(ref, opts.seed), opts.simulation)
+
+
+def build_shard(spec: ShardSpec, opts: SourceOptions, out_dir: str, backend: str = "auto") -> ShardInfo:
+    """Build every slice of a shard and write it atomically."""
+    g: FanBeamGeometry = get_geometry(opts.geometry)
+    op = FanBeamOperator(g, backend)
+    recs = []
+    for ref in spec.refs:
+        rec = build_record(ref, opts, op)
+        rec["split"] = spec.split
+        recs.append(rec)
+    return write_shard(records_to_table(recs, g), out_dir, spec.name, spec.split)
