@@ -1,0 +1,142 @@
+"""One-step residual optimisation (OSRO, paper §III-C, Eq. 10-15): raw-data fidelity, min-max normalisation,
+residual refinement and dual-domain fusion. This module is the only place that knows the order of the equations.
+
+All images here are attenuation normalised to [0, 1] (``dudocrop.data.normalize``), (N, 1, H, W); sinograms are
+normalised line integrals (N, 1, V, C). Every min / max of Eq. 11 is taken per slice over ``region``: the scanned
+field of view minus the (dilated) metal, because metal pixels and the corners outside the reconstruction circle
+are not anatomy and would set the range.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from dudocrop.checks import check_tensor
+
+#: below this spread Eq. 11 has no scale (max == min): the input is only shifted into the reference range.
+_DEGENERATE = 1e-8
+
+
+@dataclass(frozen=True)
+class OSROConfig:
+    """Fusion factors and the switches of the Table V ablation rows.
+
+    The paper gives k, alpha, beta only as ranges in [0, 1] ("manual-adjusted factors", Algorithm 2); the
+    defaults are a neutral start for the Ray Tune sweep in ``tune_spaces``.
+    """
+
+    k: float = 0.5  # Eq. 13: weight of the refined residual
+    alpha: float = 0.5  # Eq. 15: weight of the refined image prior
+    beta: float = 0.5  # Eq. 15: weight of the sinogram-prior image
+    normalize: bool = True  # Eq. 11-12, 14 ("w/o Normalization" rows turn this off)
+    fidelity: bool = True  # Eq. 10 ("w/o Fidelity": the sinogram prior is used inside and outside the trace)
+    residual_refine: bool = True  # Eq. 13 ("Residual Refining" rows)
+    fusion: bool = True  # Eq. 15 ("Dual-domain Priors Fusion"); off: X_o is the refined image prior alone
+
+    def __post_init__(self):
+        for name in ("k", "alpha", "beta"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"OSROConfig.{name} must lie in [0, 1] (paper Eq. 13/15), got {v}")
+
+
+def minmax_norm(delta: torch.Tensor, reference: torch.Tensor, region: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 11: Norm_δ(Δ) = (Δ − min Δ) / (max Δ − min Δ) · (max δ − min δ) + min δ, per slice.
+
+    ``delta`` is rescaled into the value range of ``reference``; min / max are taken over ``region`` (bool,
+    broadcastable to (N, 1, H, W)) when given. A constant ``delta`` (max == min) is shifted to the middle of the
+    reference range instead of divided by zero.
+    """
+    if delta.shape != reference.shape:
+        raise ValueError(f"delta and reference must have the same shape, got {tuple(delta.shape)} and "
+                         f"{tuple(reference.shape)}")
+    if region is None:
+        region = torch.ones_like(delta, dtype=torch.bool)
+    region = region.expand_as(delta)
+    if not bool(region.flatten(1).any(1).all()):
+        raise ValueError("region must select at least one pixel of every slice")
+    dmin, dmax = _masked_minmax(delta, region)
+    rmin, rmax = _masked_minmax(reference, region)
+    span = dmax - dmin
+    ok = span > _DEGENERATE
+    scaled = (delta - dmin) / torch.where(ok, span, torch.ones_like(span)) * (rmax - rmin) + rmin
+    shifted = delta - dmin + 0.5 * (rmin + rmax)
+    return torch.where(ok, scaled, shifted)
+
+
+def _masked_minmax(x: torch.Tensor, region: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    inf = torch.finfo(x.dtype).max
+    lo = torch.where(region, x, torch.full_like(x, inf)).flatten(1).min(1).values
+    hi = torch.where(region, x, torch.full_like(x, -inf)).flatten(1).max(1).values
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    return lo.view(shape), hi.view(shape)
+
+
+def sinogram_prior(y_hat: torch.Tensor, y_ma: torch.Tensor, trace: torch.Tensor, fidelity: bool = True) -> torch.Tensor:
+    """Eq. 10: Y_p = ε1(Y_ma) ⊙ M_s + Y_ma ⊙ (1 − M_s); without fidelity, Y_p = ε1(Y_ma)."""
+    if not fidelity:
+        return y_hat
+    m = trace.to(y_hat.dtype)
+    return y_hat * m + y_ma * (1 - m)
+
+
+@dataclass
+class OSROResult:
+    """The final image and every intermediate prior (the fusion sweep re-uses them)."""
+
+    Y_p: torch.Tensor  # Eq. 10
+    X_p_prime: torch.Tensor  # X'_p = FBP(Y_p)
+    X_p: torch.Tensor  # Eq. 12
+    X_r_in: torch.Tensor  # X_p − X'_p, the residual-domain IR-SDE's input
+    X_r_hat: torch.Tensor | None  # ε3(X_p − X'_p)
+    X_p_hat: torch.Tensor  # Eq. 13-14
+    X_o: torch.Tensor  # Eq. 15
+
+
+def fuse(X_p: torch.Tensor, X_p_prime: torch.Tensor, X_r_hat: torch.Tensor | None, region: torch.Tensor | None,
+         cfg: OSROConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 13-15 from cached priors: (X̂_p, X_o). Cheap, so thousands of (k, α, β) trials can re-use one
+    set of diffusion outputs."""
+    if cfg.residual_refine and X_r_hat is not None:
+        r = minmax_norm(X_r_hat, X_p - X_p_prime, region) if cfg.normalize else X_r_hat
+        X_p_hat = X_p - cfg.k * r  # Eq. 13
+        if cfg.normalize:
+            X_p_hat = minmax_norm(X_p_hat, X_p, region)  # Eq. 14
+    else:
+        X_p_hat = X_p
+    X_o = cfg.alpha * X_p_hat + cfg.beta * X_p_prime if cfg.fusion else X_p_hat  # Eq. 15
+    return X_p_hat, X_o
+
+
+def osro(
+    x_prior: torch.Tensor,
+    y_prior: torch.Tensor,
+    y_ma: torch.Tensor,
+    trace: torch.Tensor,
+    fbp: Callable[[torch.Tensor], torch.Tensor],
+    refine: Callable[[torch.Tensor], torch.Tensor] | None,
+    region: torch.Tensor | None = None,
+    cfg: OSROConfig = OSROConfig(),
+) -> OSROResult:
+    """Eq. 10-15 given the diffusion priors ε2(X_ma) (``x_prior``) and ε1(Y_ma) (``y_prior``).
+
+    ``fbp`` maps a normalised sinogram to a normalised image; ``refine`` is the residual-domain IR-SDE ε3
+    (None or ``cfg.residual_refine=False`` skips Eq. 13).
+    """
+    x_prior = check_tensor(x_prior, "x_prior", ndim=4)
+    y_prior = check_tensor(y_prior, "y_prior", ndim=4)
+    y_ma = check_tensor(y_ma, "y_ma", ndim=4, shape=tuple(y_prior.shape))
+    if tuple(trace.shape) != tuple(y_ma.shape):
+        raise ValueError(f"trace must have the sinogram's shape {tuple(y_ma.shape)}, got {tuple(trace.shape)}")
+    Y_p = sinogram_prior(y_prior, y_ma, trace, cfg.fidelity)  # Eq. 10
+    X_p_prime = fbp(Y_p)
+    if X_p_prime.shape != x_prior.shape:
+        raise ValueError(f"fbp returned {tuple(X_p_prime.shape)}, but x_prior is {tuple(x_prior.shape)}")
+    X_p = minmax_norm(x_prior, X_p_prime, region) if cfg.normalize else x_prior  # Eq. 12
+    X_r_in = X_p - X_p_prime
+    X_r_hat = refine(X_r_in) if (cfg.residual_refine and refine is not None) else None
+    X_p_hat, X_o = fuse(X_p, X_p_prime, X_r_hat, region, cfg)
+    return OSROResult(Y_p, X_p_prime, X_p, X_r_in, X_r_hat, X_p_hat, X_o)
