@@ -1,0 +1,165 @@
+"""The ``vllm`` caption engine: LLaVA served by vLLM (the paper's LLaVA-v1.5-13b, §IV-A, at scale).
+
+Two routes, one request format (LLaVA-1.5 text prompt ``USER: <image>\\n... ASSISTANT:`` + one RGB image):
+
+* :class:`VLLMEngine` — a ``vllm.LLM`` held by the caller (a Ray Data actor in ``ray_jobs/caption.py``, one GPU
+  each): ``generate(images, prompts)`` in batches, order kept. Tests inject a fake ``llm``.
+* :func:`build_ray_processor` — a ``ray.data.llm`` processor (REFERENCE §6) streaming rows through vLLM actors.
+  The chat-template, tokenize and detokenize stages are off: the prompt is already in LLaVA's format (defined
+  once in ``prompts.py``) and goes to vLLM as text with ``multimodal_data={'image': PIL}``, so the format is the
+  same on both routes whatever chat template a checkpoint ships.
+
+``vllm`` is imported only inside this module's functions (an optional extra pinning its own torch): run the
+route in its own runtime_env or node type (:data:`DEFAULT_RUNTIME_ENV`).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Sequence
+
+from PIL import Image
+
+from dudocrop.captions.engine import VLMEngine, check_vlm_inputs, chunks, resolve_model
+
+log = logging.getLogger(__name__)
+
+#: vLLM pins torch / transformers versions of its own (REFERENCE §5): isolate it per task/actor
+DEFAULT_RUNTIME_ENV = {"pip": ["vllm>=0.29"], "env_vars": {"HF_HUB_OFFLINE": "1"}}
+
+
+def vllm_requests(prompts: Sequence[str], images: Sequence[Image.Image]) -> list[dict]:
+    """vLLM's prompt dicts: the text prompt and one RGB image each (``check_vlm_inputs`` validates)."""
+    rgb = check_vlm_inputs(images, prompts)
+    return [{"prompt": p, "multi_modal_data": {"image": im}} for p, im in zip(prompts, rgb)]
+
+
+def reply_text(output) -> str:
+    """The first completion of a vLLM ``RequestOutput`` ('' when vLLM returned no completion or no text)."""
+    outs = getattr(output, "outputs", None) or []
+    return ((getattr(outs[0], "text", None) or "") if outs else "").strip()
+
+
+class VLLMEngine(VLMEngine):
+    """LLaVA through ``vllm.LLM``. ``model``: a local LLaVA directory or a cached Hub tag (checked at once);
+    ``llm``: an already built ``vllm.LLM``-compatible object (tests inject a fake; ``generate(requests,
+    sampling_params, use_tqdm=...)`` returning outputs in request order); ``sampling_params``: a
+    ``vllm.SamplingParams`` (default: greedy, ``max_tokens``)."""
+
+    name = "vllm"
+
+    def __init__(self, model: str, *, max_tokens: int = 96, temperature: float = 0.0, batch_size: int = 64,
+                 max_model_len: int = 4096, engine_kwargs: dict | None = None, llm=None, sampling_params=None,
+                 allow_download: bool = False):
+        self.model_ref = model
+        self.model_path = model if llm is not None else resolve_model(model, allow_download)
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        self.max_tokens, self.temperature, self.batch_size = max_tokens, temperature, batch_size
+        self.max_model_len = max_model_len
+        self.engine_kwargs = dict(engine_kwargs or {})
+        self._llm = llm
+        self._sampling = sampling_params
+
+    @classmethod
+    def describe(cls, model: str, max_tokens: int = 96, temperature: float = 0.0, max_model_len: int = 4096,
+                 engine_kwargs: dict | None = None, **_) -> dict:
+        return {"engine": cls.name, "model": model, "max_tokens": max_tokens, "temperature": temperature,
+                "max_model_len": max_model_len, "engine_kwargs": dict(engine_kwargs or {})}
+
+    def settings(self) -> dict:
+        return self.describe(self.model_ref, self.max_tokens, self.temperature, self.max_model_len,
+                             self.engine_kwargs)
+
+    @property
+    def llm(self):
+        if self._llm is None:
+            import vllm  # optional extra, imported only here
+
+            self._llm = vllm.LLM(model=self.model_path, limit_mm_per_prompt={"image": 1},
+                                 max_model_len=self.max_model_len, **self.engine_kwargs)
+        return self._llm
+
+    @property
+    def sampling_params(self):
+        if self._sampling is None:
+            import vllm
+
+            self._sampling = vllm.SamplingParams(temperature=self.temperature, max_tokens=self.max_tokens)
+        return self._sampling
+
+    def generate(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[str]:
+        reqs = vllm_requests(prompts, images)
+        out: list[str] = []
+        for sl in chunks(len(reqs), self.batch_size):
+            batch = reqs[sl]
+            res = list(self.llm.generate(batch, self.sampling_params, use_tqdm=False))
+            if len(res) != len(batch):
+                raise RuntimeError(f"vLLM returned {len(res)} outputs for {len(batch)} requests")
+            for req, o in zip(batch, res):
+                p = getattr(o, "prompt", None)
+                if p is not None and p != req["prompt"]:
+                    raise RuntimeError("vLLM returned outputs out of request order")
+                out.append(reply_text(o))
+        empty = sum(1 for t in out if not t)
+        if empty:
+            log.warning("vllm engine: %d of %d replies are empty", empty, len(out))
+        return out
+
+    def close(self) -> None:
+        """Shut the vLLM engine core down (its worker processes otherwise linger until interpreter exit)."""
+        core = getattr(getattr(self._llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        self._llm = None
+
+
+# ---- ray.data.llm route ---------------------------------------------------------------------------
+def png_bytes(image: Image.Image) -> bytes:
+    """A picture as PNG bytes (lossless; how images travel in Ray Data rows before the vLLM stage)."""
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def processor_preprocess(row: dict, max_tokens: int = 96, temperature: float = 0.0) -> dict:
+    """A caption row (``prompt``: LLaVA text, ``image_png``: PNG bytes) -> a vLLM engine-stage row."""
+    img = Image.open(io.BytesIO(row["image_png"])).convert("RGB")
+    (rgb,) = check_vlm_inputs([img], [row["prompt"]])
+    return {"prompt": row["prompt"], "multimodal_data": {"image": rgb},
+            "sampling_params": {"temperature": temperature, "max_tokens": max_tokens}}
+
+
+def processor_postprocess(row: dict, carry: Sequence[str] = ("key",)) -> dict:
+    """Keep the ``carry`` columns and the reply ('' for an empty generation)."""
+    out = {k: row[k] for k in carry}
+    out["reply"] = (row.get("generated_text") or "").strip()
+    return out
+
+
+def build_ray_processor(model: str, *, batch_size: int = 16, concurrency: int | tuple[int, int] = 1,
+                        max_tokens: int = 96, temperature: float = 0.0, max_model_len: int = 4096,
+                        engine_kwargs: dict | None = None, runtime_env: dict | None = None,
+                        accelerator_type: str | None = None, carry: Sequence[str] = ("key",),
+                        allow_download: bool = False):
+    """A ``ray.data.llm`` processor mapping rows {``prompt``, ``image_png``, *carry} to {*carry, ``reply``}.
+
+    ``ray.data.llm`` imports without vllm; running the processor needs vllm on the engine actors
+    (``runtime_env``, default :data:`DEFAULT_RUNTIME_ENV`)."""
+    from functools import partial
+
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    path = resolve_model(model, allow_download)
+    cfg = vLLMEngineProcessorConfig(
+        model_source=path,
+        engine_kwargs={"limit_mm_per_prompt": {"image": 1}, "max_model_len": max_model_len, **(engine_kwargs or {})},
+        batch_size=batch_size, concurrency=concurrency,
+        runtime_env=DEFAULT_RUNTIME_ENV if runtime_env is None else runtime_env,
+        accelerator_type=accelerator_type,
+        chat_template_stage=False, tokenize_stage=False, detokenize_stage=False, prepare_multimodal_stage=False,
+    )
+    return build_processor(cfg, preprocess=partial(processor_preprocess, max_tokens=max_tokens,
+                                                   temperature=temperature),
+                           postprocess=partial(processor_postprocess, carry=tuple(carry)))

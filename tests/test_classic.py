@@ -1,0 +1,231 @@
+"""LI and NMAR: exact trace interpolation, artifact reduction on a photon-starved dense disc, NMAR's prior
+helps where bone crosses the trace, batching, both detector kinds, bad input."""
+
+import numpy as np
+import pytest
+import torch
+
+from dudocrop.classic import interpolate_trace, kmeans_thresholds, li, nmar, nmar_prior
+from dudocrop.classic.nmar import BONE_MIN_HU
+from dudocrop.ct import FanBeamOperator, hu_to_mu, mu_to_hu
+from dudocrop.ct.trace import metal_trace
+from dudocrop.ct.units import MU_WATER
+
+GEOMS = ["tiny", "tiny_flat", "small"]
+
+
+def _ellipse(g, cx, cy, a, b):
+    xs, ys = g.pixel_centres
+    xx, yy = np.meshgrid(xs, ys)
+    return ((xx - cx) / a) ** 2 + ((yy - cy) / b) ** 2 <= 1
+
+
+def _body_hu(g) -> np.ndarray:
+    """An analytic abdomen: fat ring, soft tissue, liver, a lung-like gas pocket, a vertebra and two hip bones
+    (cortex 1200 HU around 300 HU marrow) below the centre, where the metal goes."""
+    R = g.fov_radius
+    hu = np.full(g.image_shape, -1000.0)
+    hu[_ellipse(g, 0, 0, 0.8 * R, 0.55 * R)] = -100
+    hu[_ellipse(g, 0, 0, 0.74 * R, 0.49 * R)] = 40
+    hu[_ellipse(g, 0.25 * R, 0.15 * R, 0.2 * R, 0.15 * R)] = 60
+    hu[_ellipse(g, -0.3 * R, 0.2 * R, 0.15 * R, 0.12 * R)] = -800
+    for cx, cy, a, b in ((0, -0.3 * R, 0.12 * R, 0.1 * R), (-0.5 * R, -0.15 * R, 0.08 * R, 0.1 * R),
+                         (0.5 * R, -0.15 * R, 0.08 * R, 0.1 * R)):
+        hu[_ellipse(g, cx, cy, a, b)] = 1200
+        hu[_ellipse(g, cx, cy, 0.6 * a, 0.6 * b)] = 300
+    return hu.astype(np.float32)
+
+
+def _case(name):
+    """Monochromatic scan of the body with two dense discs (0.5 /mm, ~25x water) beside the vertebra, and a
+    detector floor at 1e-3 transmission: photon starvation makes the metal rays inconsistent, hence streaks."""
+    op = FanBeamOperator(name)
+    g = op.geometry
+    R = g.fov_radius
+    hu = torch.from_numpy(_body_hu(g))[None, None]
+    metal = torch.from_numpy(_ellipse(g, 0.2 * R, -0.3 * R, 0.06 * R, 0.06 * R)
+                             | _ellipse(g, -0.25 * R, -0.3 * R, 0.06 * R, 0.06 * R))[None, None]
+    mu = hu_to_mu(hu)
+    y_ref = op.fp(mu)
+    y_ma = op.fp(torch.where(metal, torch.tensor(0.5), mu)).clamp(max=-np.log(1e-3))
+    return {"op": op, "metal": metal, "y_ref": y_ref, "y_ma": y_ma, "x_ref": mu_to_hu(op.fbp(y_ref)),
+            "x_ma": mu_to_hu(op.fbp(y_ma)), "trace": metal_trace(metal.float(), op)}
+
+
+@pytest.fixture(scope="module", params=GEOMS)
+def case(request):
+    return _case(request.param)
+
+
+def _rmse_outside(x, c):
+    d = (x - c["x_ref"])[~c["metal"]]
+    return float(d.pow(2).mean().sqrt())
+
+
+# ---- the interpolation routine ---------------------------------------------------------------------------
+
+
+def test_interpolate_trace_matches_per_view_linear_interpolation():
+    gen = torch.Generator().manual_seed(0)
+    y = torch.rand(3, 1, 40, 57, generator=gen, dtype=torch.float64)
+    trace = torch.rand(3, 1, 40, 57, generator=gen) < 0.35  # many runs, including ones at both detector edges
+    trace[0, 0, 0] = True  # a view with no knot at all
+    out = interpolate_trace(y, trace)
+    assert torch.equal(out[~trace], y[~trace])
+    ch = np.arange(57)
+    for n in range(3):
+        for v in range(40):
+            t = trace[n, 0, v].numpy()
+            if t.all():
+                assert (out[n, 0, v] == 0).all()
+                continue
+            # np.interp: linear between the nearest measured channels, constant beyond the outermost ones
+            want = np.interp(ch[t], ch[~t], y[n, 0, v].numpy()[~t])
+            np.testing.assert_allclose(out[n, 0, v].numpy()[t], want, rtol=0, atol=1e-12)
+
+
+def test_interpolate_trace_reproduces_a_linear_ramp():
+    ch = torch.arange(64, dtype=torch.float32)
+    y = (2.0 + 0.25 * ch).expand(1, 1, 5, 64).clone()
+    trace = torch.zeros(1, 1, 5, 64, dtype=torch.bool)
+    trace[..., 10:30] = True
+    trace[..., 40:41] = True
+    assert torch.allclose(interpolate_trace(y, trace), y, atol=1e-5)
+
+
+# ---- LI ------------------------------------------------------------------------------------------------------
+
+
+def test_li_changes_only_the_trace_and_reinserts_metal(case):
+    op, tr = case["op"], case["trace"]
+    x, y_li = li(case["y_ma"], case["metal"], case["x_ma"], op, return_sinogram=True)
+    assert x.shape == case["x_ma"].shape and y_li.shape == case["y_ma"].shape
+    assert torch.equal(y_li[~tr], case["y_ma"][~tr])
+    assert torch.equal(y_li, interpolate_trace(case["y_ma"], tr))
+    assert torch.equal(x[case["metal"]], case["x_ma"][case["metal"]])
+    # away from the metal the image is the FBP of the interpolated sinogram, in HU
+    assert torch.allclose(x[~case["metal"]], mu_to_hu(op.fbp(y_li))[~case["metal"]])
+
+
+def test_li_and_nmar_reduce_the_error_outside_the_metal(case):
+    e_ma = _rmse_outside(case["x_ma"], case)
+    e_li = _rmse_outside(li(case["y_ma"], case["metal"], case["x_ma"], case["op"]), case)
+    e_nmar = _rmse_outside(nmar(case["y_ma"], case["metal"], case["x_ma"], case["op"]), case)
+    assert e_li < 0.5 * e_ma
+    assert e_nmar < 0.5 * e_ma
+
+
+def test_nmar_completes_the_trace_better_than_li_across_bone(case):
+    _, y_li = li(case["y_ma"], case["metal"], case["x_ma"], case["op"], return_sinogram=True)
+    _, y_nm = nmar(case["y_ma"], case["metal"], case["x_ma"], case["op"], return_sinogram=True)
+    tr = case["trace"]
+    assert torch.equal(y_nm[~tr], case["y_ma"][~tr])
+    err_li = float((y_li - case["y_ref"])[tr].abs().mean())
+    err_nm = float((y_nm - case["y_ref"])[tr].abs().mean())
+    assert err_nm < 0.85 * err_li
+
+
+def test_li_and_nmar_are_batched():
+    c = _case("tiny")
+    op = c["op"]
+    flip = lambda t: t.flip(-1)  # noqa: E731 - a second, different slice: the mirrored body and metal
+    y2 = torch.cat([c["y_ma"], op.fp(hu_to_mu(flip(c["x_ref"])).clamp(min=0))])
+    m2 = torch.cat([c["metal"], flip(c["metal"])])
+    x2 = torch.cat([c["x_ma"], flip(c["x_ma"])])
+    for method in (li, nmar):
+        both = method(y2, m2, x2, op)
+        for i in range(2):
+            one = method(y2[i:i + 1], m2[i:i + 1], x2[i:i + 1], op)
+            assert torch.allclose(both[i:i + 1], one, atol=1e-3)
+
+
+def test_trace_argument_and_dilation():
+    c = _case("tiny")
+    op = c["op"]
+    wide = metal_trace(c["metal"].float(), op, dilate=2)
+    a = li(c["y_ma"], c["metal"], c["x_ma"], op, dilate=2, return_sinogram=True)[1]
+    b = li(c["y_ma"], c["metal"], c["x_ma"], op, trace=wide, return_sinogram=True)[1]
+    assert torch.equal(a, b)
+    assert not torch.equal(a, li(c["y_ma"], c["metal"], c["x_ma"], op, return_sinogram=True)[1])
+    # without X_ma the metal pixels keep the interpolated reconstruction
+    x = li(c["y_ma"], c["metal"], None, op)
+    assert float(x[c["metal"]].mean()) < 500
+
+
+# ---- NMAR internals -----------------------------------------------------------------------------------------
+
+
+def _lloyd_reference(v: np.ndarray) -> np.ndarray:
+    c = np.array([-1000.0, 0.0, 1000.0])
+    for _ in range(500):
+        lab = np.abs(v[:, None] - c[None]).argmin(1)
+        new = np.array([v[lab == k].mean() if (lab == k).any() else c[k] for k in range(3)])
+        if np.array_equal(new, c):
+            break
+        c = new
+    return np.array([(c[0] + c[1]) / 2, max((c[1] + c[2]) / 2, BONE_MIN_HU)])
+
+
+def test_kmeans_thresholds_match_lloyd():
+    g = FanBeamOperator("small").geometry
+    rng = np.random.default_rng(0)
+    x = np.stack([_body_hu(g) + rng.normal(0, 30, g.image_shape), np.where(_body_hu(g) > 100, 40, _body_hu(g))])
+    t = kmeans_thresholds(torch.from_numpy(x)[:, None]).numpy()
+    for i in range(2):
+        np.testing.assert_allclose(t[i], _lloyd_reference(x[i].ravel()), atol=1e-6)
+    assert t[1, 1] > x[1].max()  # no bone: the (empty) bone class keeps its start, nothing is classed bone
+    # faint "bone" (350 / 600 HU): the k-means boundary (0 + 392) / 2 = 196 HU is raised to +200 HU
+    faint = np.concatenate([np.full(504, -1000.0), np.full(400, 0.0), np.full(100, 350.0), np.full(20, 600.0)])
+    faint = faint.reshape(1, 1, 32, 32)
+    t = kmeans_thresholds(torch.from_numpy(faint))
+    assert float(t[0, 0]) == pytest.approx(-500.0) and float(t[0, 1]) == BONE_MIN_HU
+
+
+def test_nmar_prior_is_air_water_or_bone():
+    g = FanBeamOperator("small").geometry
+    hu = torch.from_numpy(_body_hu(g))[None, None]
+    metal = torch.from_numpy(_ellipse(g, 0.2 * g.fov_radius, -0.3 * g.fov_radius, 8, 8))[None, None]
+    x = torch.where(metal, torch.tensor(3000.0), hu)  # the LI image's metal must not enter the prior as bone
+    prior = nmar_prior(x, metal)
+    t_bone = float(kmeans_thresholds(torch.where(metal, torch.tensor(0.0), x))[0, 1])
+    vals = prior[(prior != 0) & (prior != MU_WATER)]
+    assert float(vals.min()) >= float(hu_to_mu(torch.tensor(t_bone))) - 1e-6
+    assert torch.all(prior[metal] == MU_WATER)
+    assert torch.all(prior[hu < -900] == 0)
+    assert float(mu_to_hu(prior[hu == 1200]).mean()) > 600  # the cortical bone is kept (smoothed)
+    liver = torch.from_numpy(_ellipse(g, 0.25 * g.fov_radius, 0.15 * g.fov_radius, 20, 15))[None, None]
+    assert torch.all(prior[liver] == MU_WATER)  # soft tissue becomes water
+
+
+# ---- bad input -----------------------------------------------------------------------------------------------
+
+
+def test_bad_input_names_the_argument():
+    c = _case("tiny")
+    op = c["op"]
+    y, m, x = c["y_ma"], c["metal"], c["x_ma"]
+    other = FanBeamOperator("tiny_flat")
+    with pytest.raises(ValueError, match="Y_ma"):
+        li(y[..., :-1], m, x, op)
+    with pytest.raises(ValueError, match="Y_ma"):
+        li(torch.where(c["trace"], torch.tensor(float("nan")), y), m, x, op)
+    with pytest.raises(ValueError, match="metal_mask"):
+        li(y, torch.zeros(1, 1, 32, 32, dtype=torch.bool), x, op)
+    with pytest.raises(ValueError, match="metal_mask"):
+        nmar(y, torch.cat([m, m]), x, op)  # batch mismatch
+    with pytest.raises(ValueError, match="metal_mask"):
+        li(y, m.float() * 2, x, op)
+    with pytest.raises(ValueError, match="X_ma"):
+        nmar(y, m, x[..., :-1, :], op)
+    with pytest.raises(ValueError, match="X_ma"):
+        li(y, m, torch.full_like(x, float("nan")), op)
+    with pytest.raises(ValueError, match="trace"):
+        li(y, m, x, op, trace=c["trace"].float())
+    with pytest.raises(ValueError, match="Y_ma"):
+        li(y, m, x, other)  # geometry mismatch: a tiny sinogram for the tiny_flat operator
+    with pytest.raises(ValueError, match="dilate"):
+        li(y, m, x, op, trace=c["trace"], dilate=1)
+    with pytest.raises(ValueError, match="op"):
+        li(y, m, x, 3)
+    with pytest.raises(ValueError, match="trace"):
+        interpolate_trace(y, c["trace"][..., :-1])
