@@ -1,0 +1,173 @@
+"""Ray glue shared by the job scripts: joining or starting Ray, MLflow, and Ray Train runs that resume exactly.
+
+A stage's train loop (a function of one ``config`` dict, run on every worker) uses:
+
+    rank, world, device = worker()
+    state = resume()                        # the latest checkpoint's state dict, or None
+    ...
+    report(metrics, state_fn if due else None)   # every worker calls it; rank 0's state becomes the checkpoint
+    maybe_fail(config, step)                # fault injection for the tests (a worker dies abruptly once)
+
+and the driver calls :func:`fit`. Ray Train V2 restarts the worker group after a failure
+(``FailureConfig(max_failures)``) and ``get_checkpoint()`` then returns the latest checkpoint, so a killed worker
+costs at most one checkpoint interval. Re-running a finished or interrupted job with the same ``name`` and
+``storage_path`` resumes the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from dudocrop.train.state import load_state, save_state
+
+# ---- Ray ------------------------------------------------------------------------------------------------------
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join the cluster named by ``address`` / ``RAY_ADDRESS`` (as under ``ray job submit``), else start a local
+    Ray on this machine (the embedded default). Idempotent."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    kw = {"log_to_driver": True, "include_dashboard": False}
+    if address:
+        ray.init(address=address, **kw)
+    else:
+        ray.init(num_cpus=num_cpus, **kw)
+
+
+def cluster_cpus() -> float:
+    return float(ray.cluster_resources().get("CPU", 1.0))
+
+
+def cluster_gpus() -> float:
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+# ---- MLflow ---------------------------------------------------------------------------------------------------
+
+
+def mlflow_uri(out_dir: str) -> str:
+    """``MLFLOW_TRACKING_URI`` if set (a tracking server on a cluster), else a SQLite store under ``out_dir``
+    (MLflow refuses bare ``file:`` stores, REFERENCE §6)."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    os.makedirs(out_dir, exist_ok=True)
+    return "sqlite:///" + os.path.abspath(os.path.join(out_dir, "mlflow.db"))
+
+
+@contextlib.contextmanager
+def mlflow_run(tracking_uri: str | None, run_id: str | None) -> Iterator[object | None]:
+    """Log into an existing MLflow run from a worker (rank 0) or the driver; a no-op when ``run_id`` is None."""
+    if not run_id:
+        yield None
+        return
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri)
+    yield _RunLogger(client, run_id)
+
+
+class _RunLogger:
+    """Thin wrapper so workers log by run id without touching MLflow's global active-run stack."""
+
+    def __init__(self, client, run_id: str):
+        self.client, self.run_id = client, run_id
+
+    def metrics(self, values: Mapping[str, float], step: int) -> None:
+        for k, v in values.items():
+            if isinstance(v, int | float) and v == v:
+                self.client.log_metric(self.run_id, k, float(v), step=int(step))
+
+    def params(self, values: Mapping[str, object]) -> None:
+        for k, v in values.items():
+            self.client.log_param(self.run_id, k, str(v)[:6000])
+
+    def artifact(self, path: str, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, path, artifact_path)
+
+
+# ---- inside a train loop ----------------------------------------------------------------------------------------
+
+
+def worker() -> tuple[int, int, torch.device]:
+    """(world rank, world size, device) of this worker."""
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+
+
+def resume() -> dict | None:
+    """The state dict of the latest checkpoint of this run (after a restart or a re-run), or None."""
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        return load_state(d)
+
+
+def report(metrics: Mapping[str, float], state: Callable[[], Mapping] | None = None) -> None:
+    """Report metrics from every worker; when ``state`` is given, rank 0 saves ``state()`` as the checkpoint.
+
+    All workers must call this at the same steps (Ray Train synchronises on it)."""
+    rank = ray.train.get_context().get_world_rank()
+    if state is not None and rank == 0:
+        with tempfile.TemporaryDirectory(prefix="dudocrop-ckpt-") as d:
+            save_state(d, state())
+            ray.train.report(dict(metrics), checkpoint=Checkpoint.from_directory(d))
+    else:
+        ray.train.report(dict(metrics))
+
+
+def maybe_fail(config: Mapping, step: int) -> None:
+    """Fault injection for tests: with ``fail_at_step`` and ``fail_marker`` set, the worker of rank
+    ``fail_rank`` (default 0) exits abruptly at that step the first time only (the marker file records it)."""
+    at, marker = config.get("fail_at_step"), config.get("fail_marker")
+    if at is None or marker is None or step != int(at):
+        return
+    if ray.train.get_context().get_world_rank() != int(config.get("fail_rank", 0)) or os.path.exists(marker):
+        return
+    with open(marker, "w") as f:
+        f.write(str(step))
+    os._exit(1)
+
+
+# ---- driver -----------------------------------------------------------------------------------------------------
+
+
+def fit(train_loop: Callable[[dict], None], config: Mapping, *, name: str, storage_path: str, num_workers: int = 1,
+        use_gpu: bool = False, cpus_per_worker: float = 1.0, max_failures: int = 2,
+        keep_checkpoints: int = 2) -> ray.train.Result:
+    """Run ``train_loop`` with DDP on ``num_workers`` workers (gloo on CPU, NCCL on GPU) and return the result.
+
+    The run directory is ``storage_path/name``; running again with the same pair resumes from its latest
+    checkpoint. ``storage_path`` must be shared storage (NFS, S3, ...) on a multi-node cluster."""
+    storage_path = storage_path if "://" in storage_path else os.path.abspath(storage_path)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=dict(config),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+        run_config=RunConfig(name=name, storage_path=storage_path,
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints)),
+    )
+    return trainer.fit()
+
+
+def checkpoint_state(result: ray.train.Result) -> dict:
+    """The state dict of a finished run's latest checkpoint."""
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {result.path} finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        return load_state(d)
