@@ -1,0 +1,82 @@
+"""Whole-run presets for ``ray_jobs/train_all.py``: which data, which stage presets, how many workers.
+
+The stage-level numbers live with their stages (``dudocrop.clip.config``, ``dudocrop.sde.train``,
+``dudocrop.pipeline``); a run preset only picks a stage preset and, for CPU-sized runs, a few overrides
+(``field=value`` strings handed to the stage's ``--set``).
+
+* ``tiny``: the embedded default — a newcomer's laptop, minutes: 64² synthetic slices, tiny random-init CLIP
+  towers, tiny U-Nets trained for a few hundred steps. It shows every stage working; its numbers are not quality.
+* ``small``: 128² synthetic slices, more data and steps: quality on a CPU machine in about an hour.
+* ``paper``: the paper's sizes (AAPM geometry, ViT-B-32, the 49 M U-Net, paper schedules) on a GPU cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+
+@dataclass(frozen=True)
+class RunPreset:
+    name: str
+    # data (ray_jobs/prepare_data.py)
+    source: str = "synthetic"
+    geometry: str = "tiny"
+    n_patients: int = 12
+    slices_per_patient: int = 2
+    shard_slices: int = 8
+    simulation: str = "aapm_like"
+    # captions (ray_jobs/caption.py)
+    caption_engine: str = "template"
+    # stage presets and overrides (``--set field=value`` of each stage's job)
+    clip_preset: str = "tiny"
+    clip_set: tuple[str, ...] = ()
+    sde_preset: str = "tiny"
+    image_set: tuple[str, ...] = ()
+    sinogram_set: tuple[str, ...] = ()
+    residual_set: tuple[str, ...] = ()
+    # resources
+    workers: int = 2
+    cpus_per_worker: float = 1.0
+    gpu: bool = False
+    max_failures: int = 2
+    # evaluation (ray_jobs/evaluate.py)
+    eval_split: str = "test"
+    eval_slices: int = 8
+    eval_steps: int | None = None  # None: the models' T
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for f in ("n_patients", "slices_per_patient", "shard_slices", "workers", "eval_slices"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"RunPreset.{f} must be an int >= 1, got {v!r}")
+        if self.eval_steps is not None and (not isinstance(self.eval_steps, int) or self.eval_steps < 1):
+            raise ValueError(f"RunPreset.eval_steps must be None or an int >= 1, got {self.eval_steps!r}")
+
+
+RUN_PRESETS: dict[str, RunPreset] = {
+    "tiny": RunPreset(
+        name="tiny", geometry="tiny", n_patients=12, slices_per_patient=2,
+        clip_set=("epochs=8",), image_set=("steps=300",), sinogram_set=("steps=300",), residual_set=("steps=200",),
+        eval_slices=6, eval_steps=25,
+    ),
+    "small": RunPreset(
+        name="small", geometry="small", n_patients=80, slices_per_patient=2, shard_slices=16,
+        clip_set=("epochs=15",), image_set=("steps=2500",), sinogram_set=("steps=2500",),
+        residual_set=("steps=1500",), eval_slices=16, eval_steps=25,
+    ),
+    "paper": RunPreset(
+        name="paper", source="aapm", geometry="aapm_body", shard_slices=32, clip_preset="paper",
+        sde_preset="paper", workers=1, gpu=True, eval_slices=864, eval_steps=None,
+    ),
+}
+
+
+def get_run_preset(name: str, **overrides) -> RunPreset:
+    if name not in RUN_PRESETS:
+        raise ValueError(f"unknown run preset {name!r}; expected one of {sorted(RUN_PRESETS)}")
+    known = {f.name for f in fields(RunPreset)}
+    bad = sorted(set(overrides) - known)
+    if bad:
+        raise ValueError(f"unknown RunPreset fields {bad}; known: {sorted(known)}")
+    return replace(RUN_PRESETS[name], **overrides)

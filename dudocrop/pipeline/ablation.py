@@ -1,0 +1,79 @@
+"""The rows of the paper's Table V as switches of one pipeline, computed from ONE set of diffusion priors.
+
+Each row is an OSRO configuration (``dudocrop.pipeline.osro.OSROConfig``) plus which domains feed the output.
+The image and sinogram priors ε2(X_ma), ε1(Y_ma) are sampled once per slice; rows that normalise share one
+residual refinement ε3(X_p − X'_p), and the fusion variants are re-fused from it (Eq. 13-15 cost nothing next to
+the diffusion). The "+ DuDoCLIP" rows of Table V compare two trained model sets (with and without embedding
+guidance); they are the ``guidance`` column of the evaluation, not a switch here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from dudocrop.pipeline.osro import OSROConfig, fuse, osro
+
+
+@dataclass(frozen=True)
+class AblationRow:
+    name: str
+    label: str  # Table V's wording
+    domains: str  # "image" | "sinogram" | "dual"
+    normalize: bool = True
+    fidelity: bool = True
+    residual_refine: bool = True
+    fusion: bool = True
+
+
+TABLE_V: tuple[AblationRow, ...] = (
+    AblationRow("image_raw", "Image-domain IR-SDE (w/o Normalization)", "image", normalize=False),
+    AblationRow("image_norm", "Image-domain IR-SDE (w/ Normalization)", "dual", residual_refine=False, fusion=False),
+    AblationRow("sino_raw", "Sino-domain IR-SDE (w/o Fidelity)", "sinogram", fidelity=False),
+    AblationRow("sino_fidelity", "Sino-domain IR-SDE (w/ Fidelity)", "sinogram"),
+    AblationRow("fusion", "Dual-domain Priors Fusion", "dual", residual_refine=False),
+    AblationRow("refine_raw", "Residual Refining (w/o Normalization)", "dual", normalize=False, fusion=False),
+    AblationRow("refine_norm", "Residual Refining (w/ Normalization)", "dual", fusion=False),
+    AblationRow("dudocrop", "Residual Refining (w/ Normalization) + Dual-domain Priors Fusion", "dual"),
+)
+ROWS = {r.name: r for r in TABLE_V}
+
+
+def row_config(row: AblationRow, base: OSROConfig) -> OSROConfig:
+    return replace(base, normalize=row.normalize, fidelity=row.fidelity, residual_refine=row.residual_refine,
+                   fusion=row.fusion)
+
+
+@torch.no_grad()
+def ablation_outputs(model, x_ma_hu: torch.Tensor, y_ma: torch.Tensor, metal_mask: torch.Tensor,
+                     trace: torch.Tensor, x_prior: torch.Tensor, y_prior: torch.Tensor, base: OSROConfig,
+                     rows: tuple[AblationRow, ...] = TABLE_V) -> dict[str, torch.Tensor]:
+    """X_o in HU (metal reinserted) for every row, from cached priors of a :class:`DuDoCROP` ``model``."""
+    from dudocrop.pipeline.model import osro_region
+
+    region = osro_region(x_ma_hu, metal_mask, model.geometry, model.config.metal_region_dilation)
+    y_unit = model.norm.sino(y_ma)
+    has_refiner = model.models["residual"] is not None
+    full: dict[bool, object] = {}  # one OSRO run (with ε3 when available) per normalisation setting
+
+    def run_osro(normalize: bool):
+        if normalize not in full:
+            cfg = replace(base, normalize=normalize, fidelity=True, residual_refine=has_refiner)
+            full[normalize] = osro(x_prior, y_prior, y_unit, trace, model.fbp_unit,
+                                   model.refine if has_refiner else None, region, cfg)
+        return full[normalize]
+
+    out = {}
+    for row in rows:
+        cfg = row_config(row, base)
+        if row.domains in ("image", "sinogram"):
+            x_o, _ = model.combine(x_ma_hu, y_ma, metal_mask, trace, x_prior, y_prior, cfg, row.domains)
+            out[row.name] = x_o
+            continue
+        if row.residual_refine and not has_refiner:
+            continue  # no residual model trained: the refining rows are absent, not faked
+        res = run_osro(row.normalize)
+        _, x_o = fuse(res.X_p, res.X_p_prime, res.X_r_hat if row.residual_refine else None, region, cfg)
+        out[row.name] = model.to_hu(x_o, x_ma_hu, metal_mask)
+    return out

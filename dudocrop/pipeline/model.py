@@ -1,0 +1,296 @@
+"""The DuDoCROP model object (paper Fig. 3a, Algorithm 2): DuDoCLIP + three IR-SDEs + the CT operator + OSRO.
+
+    model = DuDoCROP.load("outputs/train_all/models", device="cuda")       # or "runs:/<run_id>/models"
+    out = model(x_ma_hu)                        # (N,1,H,W) HU; Y_ma = FP(X_ma) when no sinogram is given
+    out = model(x_ma_hu, y_ma, return_priors=True)    # measured sinogram; keep X_p, X'_p, X̂_r for the fusion sweep
+
+The order of the paper's steps lives in :mod:`dudocrop.pipeline.osro`; this module only turns HU / line integrals
+into the [0, 1] units the diffusion models were trained in (``dudocrop.data.normalize``), runs the priors and
+turns the result back into HU with the metal reinserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, replace
+from typing import Literal
+
+import torch
+
+from dudocrop.checks import check_tensor
+from dudocrop.ct.geometry import FanBeamGeometry, get_geometry
+from dudocrop.ct.operators import FanBeamOperator
+from dudocrop.ct.trace import metal_trace
+from dudocrop.ct.units import hu_to_mu
+from dudocrop.data.clinical import METAL_THRESHOLD_HU
+from dudocrop.data.normalize import Normalization
+from dudocrop.metrics.image import body_mask
+from dudocrop.pipeline.osro import OSROConfig, OSROResult, fuse, osro, sinogram_prior
+
+#: file names inside a model folder (what train_all writes and the MLflow run logs under ``models/``).
+MODEL_FILES = {"clip": "dudoclip.pt", "image": "sde_image.pt", "sinogram": "sde_sinogram.pt",
+               "residual": "sde_residual.pt"}
+PIPELINE_FILE = "pipeline.json"
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Inference settings. ``steps``: reverse-diffusion evaluations per prior (None: the models' T = 100, paper
+    §IV-B-2; fewer is a measured speed/quality trade, see bench/pipeline.py). ``tile``: sample in overlapping
+    tiles of this size (memory-bound cases; None: whole slices). ``domains``: ``dual`` is DuDoCROP; ``image`` and
+    ``sinogram`` are the single-domain rows of Table V (X_o is then the image prior X_p, or X'_p = FBP(Y_p)).
+    ``metal_region_dilation``: pixels of metal dilation excluded from the Eq. 11 min / max region."""
+
+    steps: int | None = None
+    sampler: Literal["posterior", "sde"] = "posterior"
+    tile: int | None = None
+    tile_overlap: int = 32
+    x0_range: tuple[float, float] | None = (0.0, 1.0)
+    domains: Literal["dual", "image", "sinogram"] = "dual"
+    osro: OSROConfig = field(default_factory=OSROConfig)
+    metal_threshold_hu: float = METAL_THRESHOLD_HU
+    trace_dilation: int = 0
+    metal_region_dilation: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.domains not in ("dual", "image", "sinogram"):
+            raise ValueError(f"PipelineConfig.domains must be 'dual', 'image' or 'sinogram', got {self.domains!r}")
+        if self.tile is not None and self.tile < 32:
+            raise ValueError(f"PipelineConfig.tile must be None or >= 32 pixels, got {self.tile!r}")
+
+
+@dataclass
+class DuDoCROPOutput:
+    """``X_o`` in HU with the metal reinserted; ``priors`` (on request) in normalised units as OSRO saw them."""
+
+    X_o: torch.Tensor
+    metal_mask: torch.Tensor
+    priors: OSROResult | None = None
+    image_prior: torch.Tensor | None = None  # ε2(X_ma) before Eq. 12, normalised
+    sinogram_prior: torch.Tensor | None = None  # ε1(Y_ma) before Eq. 10, normalised
+
+
+def residual_from_unit(d: torch.Tensor) -> torch.Tensor:
+    """A difference of normalised images (in [-1, 1]) -> the residual IR-SDE's [0, 1] units (0.5 = no residual)."""
+    return 0.5 + 0.5 * d
+
+
+def residual_to_unit(u: torch.Tensor) -> torch.Tensor:
+    return 2.0 * (u - 0.5)
+
+
+def _fov_region(g: FanBeamGeometry, device) -> torch.Tensor:
+    xs, ys = g.pixel_centres
+    x = torch.as_tensor(xs, dtype=torch.float32, device=device)
+    y = torch.as_tensor(ys, dtype=torch.float32, device=device)
+    return (x[None, :] ** 2 + y[:, None] ** 2 <= g.fov_radius ** 2)[None, None]
+
+
+def osro_region(x_ma_hu: torch.Tensor, metal_mask: torch.Tensor, g: FanBeamGeometry,
+                dilation: int = 1) -> torch.Tensor:
+    """Where Eq. 11 takes its min / max: the patient's body (inside the reconstruction circle) minus the metal
+    dilated by ``dilation`` px. Air is left out because the [0, 1] units clip it at 0 HU-equivalent attenuation in
+    the diffusion priors but not in FBP(Y_p), so air noise would set the range of X'_p and shift every tissue."""
+    m = metal_mask.float()
+    if dilation:
+        m = torch.nn.functional.max_pool2d(m, 2 * dilation + 1, stride=1, padding=dilation)
+    body = body_mask(torch.where(metal_mask > 0, torch.zeros_like(x_ma_hu), x_ma_hu))
+    return _fov_region(g, metal_mask.device) & body & (m <= 0)
+
+
+class DuDoCROP:
+    """Algorithm 2 on batches. Build with :meth:`load` (a model folder or an MLflow artifact URI) or directly."""
+
+    def __init__(self, geometry: FanBeamGeometry | str, image_model, sinogram_model, residual_model=None, clip=None,
+                 config: PipelineConfig = PipelineConfig(), device: str | torch.device = "cpu",
+                 backend: str = "auto"):
+        self.geometry = get_geometry(geometry)
+        self.device = torch.device(device)
+        self.config = config
+        self.norm = Normalization.for_geometry(self.geometry)
+        self.op = FanBeamOperator(self.geometry, backend)
+        self.models = {"image": image_model, "sinogram": sinogram_model, "residual": residual_model}
+        for name, m in self.models.items():
+            if m is not None and getattr(m, "domain", name) != name:
+                raise ValueError(f"the {name} model slot holds a model trained for domain {m.domain!r}")
+        needs_clip = any(m is not None and m.use_embeddings for m in (image_model, sinogram_model))
+        if needs_clip and clip is None:
+            raise ValueError("the image/sinogram IR-SDEs were trained with DuDoCLIP guidance: pass clip=")
+        self.clip = clip
+        self.to(self.device)
+
+    # -- loading ---------------------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, location: str, device: str | torch.device = "cpu", config: PipelineConfig | None = None,
+             **overrides) -> DuDoCROP:
+        """Load from a model folder (``dudoclip.pt``, ``sde_{image,sinogram,residual}.pt``, ``pipeline.json``) or
+        an MLflow URI (``runs:/<run_id>/models``, ``models:/<name>/<version>``, any artifact URI)."""
+        from dudocrop.clip.train import load_dudoclip
+        from dudocrop.sde.train import load_sde_model
+
+        folder = resolve_model_location(location)
+        with open(os.path.join(folder, PIPELINE_FILE)) as f:
+            meta = json.load(f)
+        loaded = {}
+        for key in ("image", "sinogram", "residual"):
+            p = os.path.join(folder, MODEL_FILES[key])
+            if key != "residual" and not os.path.isfile(p):
+                raise FileNotFoundError(f"model folder {folder} has no {MODEL_FILES[key]} (the {key}-domain IR-SDE)")
+            loaded[key] = load_sde_model(p, device=device) if os.path.isfile(p) else None
+        clip_path = os.path.join(folder, MODEL_FILES["clip"])
+        clip = load_dudoclip(clip_path, device=device) if os.path.isfile(clip_path) else None
+        cfg = config or pipeline_config_from_dict(meta.get("pipeline", {}))
+        if overrides:
+            cfg = replace(cfg, **overrides)
+        return cls(meta["geometry"], loaded["image"], loaded["sinogram"], loaded["residual"], clip, cfg, device)
+
+    def to(self, device: str | torch.device) -> DuDoCROP:
+        self.device = torch.device(device)
+        for m in self.models.values():
+            if m is not None:
+                m.unet.to(self.device)
+        if self.clip is not None:
+            self.clip.to(self.device)
+        return self
+
+    # -- the pieces ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def embeddings(self, x_ma_hu: torch.Tensor, y_ma: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """DuDoCLIP's (e^{I1}, e^{I2}) per domain (Fig. 3a): content and control embeddings."""
+        if self.clip is None:
+            return {}
+        out = {}
+        for domain, ct in (("image", x_ma_hu), ("sinogram", y_ma)):
+            e = self.clip.encode_ct(self.clip.preprocess(ct, domain, geometry=self.geometry), domain)
+            out[domain] = (e.content, e.control)
+        return out
+
+    def _sample(self, key: str, mu: torch.Tensor, emb: tuple | None, seed_stream: int) -> torch.Tensor:
+        m = self.models[key]
+        c = self.config
+        content, control = emb if (emb is not None and m.use_embeddings) else (None, None)
+        g = torch.Generator(device=mu.device)
+        g.manual_seed(c.seed * 1000 + seed_stream)
+        kw = dict(steps=c.steps, sampler=c.sampler, generator=g, x0_range=c.x0_range)
+        if c.tile is not None and max(mu.shape[-2:]) > c.tile:
+            return m.sde.sample_tiled(m.unet, mu, content, control, tile=c.tile, overlap=c.tile_overlap, **kw)
+        return m.sde.sample(m.unet, mu, content, control, **kw)
+
+    def fbp_unit(self, y_unit: torch.Tensor) -> torch.Tensor:
+        """FBP from normalised line integrals to normalised attenuation (no clipping: FBP noise may be < 0)."""
+        return self.op.fbp(self.norm.sino_to_line_integrals(y_unit)) / self.norm.mu_max
+
+    def refine(self, x_r_in: torch.Tensor) -> torch.Tensor:
+        """ε3 (Eq. 13): the residual-domain IR-SDE on X_p − X'_p, in normalised image units."""
+        mu = residual_from_unit(x_r_in)
+        return residual_to_unit(self._sample("residual", mu, None, 3).to(x_r_in.dtype))
+
+    def prepare(self, x_ma_hu: torch.Tensor, y_ma: torch.Tensor | None = None,
+                metal_mask: torch.Tensor | None = None,
+                trace: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """Checked inputs on the model's device: (X_ma HU, Y_ma line integrals, metal mask, metal trace M_s).
+
+        Without ``y_ma`` the sinogram is FP(X_ma) (Algorithm 2); without ``metal_mask`` metal is segmented by the
+        HU threshold (paper §IV-A: "masks can be easily segmented by threshold"); without ``trace``,
+        M_s = FP(mask) > 0 (Eq. 1)."""
+        g = self.geometry
+        x = check_tensor(x_ma_hu, "x_ma_hu", ndim=4, shape=(None, 1, *g.image_shape)).to(self.device, torch.float32)
+        if y_ma is None:
+            y = self.op.fp(hu_to_mu(x).clamp(min=0))
+        else:
+            y = check_tensor(y_ma, "y_ma", ndim=4, shape=(x.shape[0], 1, *g.sino_shape)).to(self.device, torch.float32)
+        if metal_mask is None:
+            mask = (x >= self.config.metal_threshold_hu).float()
+        else:
+            mask = check_tensor(metal_mask.float(), "metal_mask", ndim=4, shape=tuple(x.shape)).to(self.device)
+        if trace is None:
+            trace = metal_trace(mask, self.op, self.config.trace_dilation)
+        else:
+            trace = check_tensor(trace.float(), "trace", ndim=4, shape=tuple(y.shape)).to(self.device) > 0
+        return x, y, mask, trace
+
+    def priors(self, x_ma_hu: torch.Tensor, y_ma: torch.Tensor, metal_mask: torch.Tensor,
+               trace: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The DAPG stage: ε2(X_ma) and ε1(Y_ma) in normalised units (None for a domain this config skips)."""
+        emb = self.embeddings(x_ma_hu, y_ma)
+        dom = self.config.domains
+        x_prior = self._sample("image", self.norm.image(x_ma_hu), emb.get("image"), 1) if dom != "sinogram" else None
+        y_prior = self._sample("sinogram", self.norm.sino(y_ma), emb.get("sinogram"), 2) if dom != "image" else None
+        return x_prior, y_prior
+
+    # -- Algorithm 2 -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, x_ma_hu: torch.Tensor, y_ma: torch.Tensor | None = None, *,
+                 metal_mask: torch.Tensor | None = None, trace: torch.Tensor | None = None,
+                 return_priors: bool = False, osro_config: OSROConfig | None = None) -> DuDoCROPOutput:
+        x, y, mask, trace = self.prepare(x_ma_hu, y_ma, metal_mask, trace)
+        x_prior, y_prior = self.priors(x, y, mask, trace)
+        x_o, res = self.combine(x, y, mask, trace, x_prior, y_prior, osro_config or self.config.osro,
+                                self.config.domains)
+        return DuDoCROPOutput(x_o, mask, res if return_priors else None,
+                              x_prior if return_priors else None, y_prior if return_priors else None)
+
+    @torch.no_grad()
+    def combine(self, x_ma_hu: torch.Tensor, y_ma: torch.Tensor, metal_mask: torch.Tensor, trace: torch.Tensor,
+                x_prior: torch.Tensor | None, y_prior: torch.Tensor | None, cfg: OSROConfig,
+                domains: str = "dual") -> tuple[torch.Tensor, OSROResult | None]:
+        """From the DAPG priors to X_o in HU (metal reinserted): OSRO for ``dual``, or a single-domain prior."""
+        res = None
+        if domains == "image":
+            x_o = x_prior
+        elif domains == "sinogram":
+            y_unit = self.norm.sino(y_ma)
+            x_o = self.fbp_unit(sinogram_prior(y_prior, y_unit, trace, cfg.fidelity))
+        else:
+            region = osro_region(x_ma_hu, metal_mask, self.geometry, self.config.metal_region_dilation)
+            refine = self.refine if self.models["residual"] is not None else None
+            res = osro(x_prior, y_prior, self.norm.sino(y_ma), trace, self.fbp_unit, refine, region, cfg)
+            x_o = res.X_o
+        return self.to_hu(x_o, x_ma_hu, metal_mask), res
+
+    def to_hu(self, x_unit: torch.Tensor, x_ma_hu: torch.Tensor, metal_mask: torch.Tensor) -> torch.Tensor:
+        """Normalised attenuation -> HU, with the metal of X_ma reinserted."""
+        return torch.where(metal_mask > 0, x_ma_hu, self.norm.image_to_hu(x_unit))
+
+    @torch.no_grad()
+    def refuse(self, priors: OSROResult, x_ma_hu: torch.Tensor, metal_mask: torch.Tensor,
+               cfg: OSROConfig) -> torch.Tensor:
+        """Eq. 13-15 again from cached priors with other (k, α, β): X_o in HU (the Ray Tune fusion sweep)."""
+        region = osro_region(x_ma_hu, metal_mask, self.geometry, self.config.metal_region_dilation)
+        _, x_o = fuse(priors.X_p, priors.X_p_prime, priors.X_r_hat, region, cfg)
+        return self.to_hu(x_o, x_ma_hu, metal_mask)
+
+
+def pipeline_config_from_dict(d: dict) -> PipelineConfig:
+    d = dict(d)
+    if isinstance(d.get("osro"), dict):
+        d["osro"] = OSROConfig(**d["osro"])
+    if isinstance(d.get("x0_range"), list):
+        d["x0_range"] = tuple(d["x0_range"])
+    return PipelineConfig(**d)
+
+
+def save_pipeline_meta(folder: str, geometry: FanBeamGeometry | str,
+                       config: PipelineConfig = PipelineConfig()) -> str:
+    """Write ``pipeline.json`` (geometry and inference settings) next to the model files, atomically."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, PIPELINE_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"geometry": get_geometry(geometry).name, "pipeline": asdict(config)}, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+    return path
+
+
+def resolve_model_location(location: str) -> str:
+    """A local model folder for ``location``: the folder itself, or MLflow's download of an artifact URI."""
+    if os.path.isdir(location):
+        return location
+    if "://" in location or location.startswith(("runs:/", "models:/")):
+        import mlflow
+
+        return mlflow.artifacts.download_artifacts(artifact_uri=location)
+    raise FileNotFoundError(f"model location {location!r} is neither a folder nor an MLflow artifact URI "
+                            f"(runs:/<run_id>/models, models:/<name>/<version>)")

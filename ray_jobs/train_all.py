@@ -1,0 +1,292 @@
+"""Train DuDoCROP end to end (paper Algorithm 1, Eq. 17) and evaluate it.
+
+    python ray_jobs/train_all.py                                   # embedded default: tiny preset, local Ray
+    python ray_jobs/train_all.py --preset small --out outputs/small
+    ray job submit --working-dir . -- python ray_jobs/train_all.py --preset paper --set root=/mnt/ct-mar \\
+        --out /mnt/shared/dudocrop-paper
+
+Stages: prepare (shards) -> caption -> clip (stage 1, Eq. 3) -> embed -> sde_image, sde_sinogram (stage 2, Eq. 9;
+independent, concurrent when the cluster has room) -> priors (X_p, X'_p over the training split, Eq. 10-12) ->
+sde_residual (stage 3, Eq. 16) -> evaluate (Tables III-V, figures). Each stage is skipped when its marker
+``<out>/stages/<stage>.json`` records the same arguments, so a re-run resumes where the last one stopped; inside a
+stage, training resumes from its latest Ray Train checkpoint. One MLflow parent run holds a child run per stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import threading
+import time
+from dataclasses import asdict, fields
+
+from dudocrop.config import RUN_PRESETS, RunPreset, get_run_preset
+from ray_jobs import common
+
+STAGES = ("prepare", "caption", "clip", "embed", "sde_image", "sde_sinogram", "priors", "sde_residual", "evaluate")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny", choices=sorted(RUN_PRESETS))
+    ap.add_argument("--out", default="outputs/train_all", help="output folder (shared storage on a cluster)")
+    ap.add_argument("--config", help="JSON file of RunPreset fields overriding the preset")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override one RunPreset field (JSON value or plain string); repeatable")
+    ap.add_argument("--root", help="data root for --set source=aapm|clinical")
+    ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of " + ",".join(STAGES))
+    ap.add_argument("--force", default="", help="comma-separated stages to re-run even if complete")
+    ap.add_argument("--address", default=None, help="Ray address (default: join a running cluster, else local)")
+    return ap.parse_args(argv)
+
+
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def resolve_preset(a: argparse.Namespace) -> RunPreset:
+    overrides: dict = {}
+    if a.config:
+        with open(a.config) as f:
+            overrides.update(json.load(f))
+    for item in a.set:
+        if "=" not in item:
+            raise SystemExit(f"--set expects FIELD=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        overrides[k.strip()] = _value(v)
+    tuples = {f.name for f in fields(RunPreset) if "tuple" in str(f.type)}
+    for k in tuples & set(overrides):
+        overrides[k] = tuple(overrides[k]) if isinstance(overrides[k], list) else (overrides[k],)
+    try:
+        return get_run_preset(a.preset, **overrides)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"train_all: bad preset override: {e}") from e
+
+
+# ---- the stages' command lines ----------------------------------------------------------------------------------
+
+
+def stage_argv(p: RunPreset, out: str, root: str | None) -> dict[str, list[str]]:
+    """The exact argument list each stage job gets (its fingerprint decides whether it must run again)."""
+    data, models = f"{out}/data", f"{out}/models"
+    res = ["--workers", str(p.workers), "--cpus-per-worker", str(p.cpus_per_worker),
+           "--max-failures", str(p.max_failures)] + (["--gpu"] if p.gpu else [])
+    sets = lambda items: [x for s in items for x in ("--set", s)]  # noqa: E731
+    prep = ["--source", p.source, "--geometry", p.geometry, "--out", data, "--n-patients", str(p.n_patients),
+            "--slices-per-patient", str(p.slices_per_patient), "--shard-slices", str(p.shard_slices),
+            "--simulation", p.simulation]
+    if root:
+        prep += ["--root", root]
+    sde = ["--data", data, "--out", models, "--preset", p.sde_preset, "--runs", f"{out}/runs", *res]
+    argv = {
+        "prepare": prep,
+        "caption": ["--data", data, "--engine", p.caption_engine],
+        "clip": ["--data", data, "--out", models, "--preset", p.clip_preset, "--runs", f"{out}/runs", *res,
+                 *sets(p.clip_set)],
+        "embed": ["--data", data, "--model", f"{models}/dudoclip.pt"],
+        "sde_image": [*sde, "--domain", "image", *sets(p.image_set)],
+        "sde_sinogram": [*sde, "--domain", "sinogram", *sets(p.sinogram_set)],
+        "priors": ["--data", data, "--models", models, "--split", "train"]
+                  + ([] if p.eval_steps is None else ["--steps", str(p.eval_steps)]),
+        "sde_residual": [*sde, "--domain", "residual", *sets(p.residual_set)],
+        "evaluate": ["--data", data, "--models", models, "--out", f"{out}/report", "--split", p.eval_split,
+                     "--max-slices", str(p.eval_slices)]
+                    + ([] if p.eval_steps is None else ["--steps", str(p.eval_steps)]),
+    }
+    return argv
+
+
+def _job(stage: str):
+    import importlib
+
+    name = {"prepare": "prepare_data", "caption": "caption", "clip": "train_clip", "embed": "embed",
+            "sde_image": "train_sde", "sde_sinogram": "train_sde", "priors": "priors",
+            "sde_residual": "train_sde", "evaluate": "evaluate"}[stage]
+    return importlib.import_module(f"ray_jobs.{name}")
+
+
+def _fingerprint(argv: list[str]) -> str:
+    return hashlib.sha256(json.dumps(argv).encode()).hexdigest()[:16]
+
+
+def _marker(out: str, stage: str) -> str:
+    return os.path.join(out, "stages", f"{stage}.json")
+
+
+def _done(out: str, stage: str, fp: str) -> bool:
+    try:
+        with open(_marker(out, stage)) as f:
+            return json.load(f).get("fingerprint") == fp
+    except (OSError, ValueError):
+        return False
+
+
+def _write_marker(out: str, stage: str, record: dict) -> None:
+    path = _marker(out, stage)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+# ---- MLflow -----------------------------------------------------------------------------------------------------
+
+
+class Tracking:
+    """One parent run per output folder (its id is kept in ``<out>/mlflow_run.json`` so re-runs continue it) and
+    one child run per executed stage."""
+
+    def __init__(self, out: str, preset: RunPreset):
+        import mlflow
+
+        self.mlflow = mlflow
+        self.uri = common.mlflow_uri(out)
+        mlflow.set_tracking_uri(self.uri)
+        self.client = mlflow.MlflowClient(self.uri)
+        exp = self.client.get_experiment_by_name("dudocrop")
+        self.exp_id = exp.experiment_id if exp else self.client.create_experiment("dudocrop")
+        id_file = os.path.join(out, "mlflow_run.json")
+        parent = None
+        if os.path.exists(id_file):
+            with open(id_file) as f:
+                parent = json.load(f).get("run_id")
+            try:
+                self.client.get_run(parent)
+            except Exception:  # noqa: BLE001 - a store that lost the run: start a new parent
+                parent = None
+        if parent is None:
+            run = self.client.create_run(self.exp_id, run_name=f"train_all-{preset.name}")
+            parent = run.info.run_id
+            for k, v in asdict(preset).items():
+                self.client.log_param(parent, k, str(v)[:6000])
+            with open(id_file + ".tmp", "w") as f:
+                json.dump({"run_id": parent, "tracking_uri": self.uri}, f)
+            os.replace(id_file + ".tmp", id_file)
+        self.parent = parent
+
+    def child(self, stage: str, argv: list[str]) -> str:
+        run = self.client.create_run(self.exp_id, run_name=stage, tags={"mlflow.parentRunId": self.parent,
+                                                                         "dudocrop.stage": stage})
+        self.client.log_param(run.info.run_id, "argv", " ".join(argv)[:6000])
+        return run.info.run_id
+
+    def finish(self, run_id: str, seconds: float, result: dict | None, artifacts: list[str]) -> None:
+        self.client.log_metric(run_id, "stage_seconds", seconds)
+        for k, v in (result or {}).items():
+            if isinstance(v, int | float) and not isinstance(v, bool) and v == v:
+                self.client.log_metric(run_id, k, float(v))
+        for path in artifacts:
+            if os.path.isdir(path):
+                self.client.log_artifacts(run_id, path, os.path.basename(path.rstrip("/")))
+            elif os.path.isfile(path):
+                self.client.log_artifact(run_id, path)
+        self.client.set_terminated(run_id)
+
+
+def _artifacts(stage: str, out: str) -> list[str]:
+    models, data = f"{out}/models", f"{out}/data"
+    return {
+        "prepare": [f"{data}/manifest.json"],
+        "caption": [f"{data}/captions/manifest.json"],
+        "clip": [f"{models}/dudoclip.pt"],
+        "sde_image": [f"{models}/sde_image.pt"],
+        "sde_sinogram": [f"{models}/sde_sinogram.pt"],
+        "sde_residual": [f"{models}/sde_residual.pt"],
+        "evaluate": [f"{out}/report"],
+    }.get(stage, [])
+
+
+# ---- driver -----------------------------------------------------------------------------------------------------
+
+
+def _run_stage(stage: str, argv: list[str], tracking: Tracking) -> tuple[float, dict | None, str]:
+    job = _job(stage)
+    run_id = tracking.child(stage, argv)
+    extra = ["--mlflow-uri", tracking.uri, "--mlflow-run-id", run_id] if stage in (
+        "clip", "sde_image", "sde_sinogram", "sde_residual") else []
+    t0 = time.time()
+    result = job.run(job.parse_args(argv + extra))
+    dt = time.time() - t0
+    return dt, (result if isinstance(result, dict) else None), run_id
+
+
+def run(a: argparse.Namespace) -> dict:
+    p = resolve_preset(a)
+    out = os.path.abspath(a.out)
+    os.makedirs(out, exist_ok=True)
+    wanted = [s for s in a.stages.split(",") if s]
+    bad = [s for s in wanted + [s for s in a.force.split(",") if s] if s not in STAGES]
+    if bad:
+        raise SystemExit(f"train_all: unknown stages {bad}; known: {', '.join(STAGES)}")
+    force = {s for s in a.force.split(",") if s}
+    common.init_ray(a.address)
+    tracking = Tracking(out, p)
+    argvs = stage_argv(p, out, a.root)
+    t_all = time.time()
+    summary: dict[str, dict] = {}
+    print(f"train_all: preset {p.name} -> {out} (MLflow {tracking.uri}, parent run {tracking.parent})", flush=True)
+
+    def execute(stage: str) -> None:
+        argv = argvs[stage]
+        fp = _fingerprint(argv)
+        if stage not in force and _done(out, stage, fp):
+            print(f"train_all: [{stage}] complete, skipped", flush=True)
+            summary[stage] = {"status": "skipped"}
+            return
+        print(f"train_all: [{stage}] running: {' '.join(argv)}", flush=True)
+        dt, result, run_id = _run_stage(stage, argv, tracking)
+        tracking.finish(run_id, dt, result, _artifacts(stage, out))
+        _write_marker(out, stage, {"fingerprint": fp, "argv": argv, "seconds": dt, "mlflow_run_id": run_id,
+                                   "result": result})
+        summary[stage] = {"status": "ran", "seconds": round(dt, 1)}
+        print(f"train_all: [{stage}] done in {dt:.1f}s", flush=True)
+
+    order = [s for s in STAGES if s in wanted]
+    i = 0
+    while i < len(order):
+        s = order[i]
+        pair = s == "sde_image" and i + 1 < len(order) and order[i + 1] == "sde_sinogram"
+        if pair and p.gpu and common.cluster_gpus() >= 2 * p.workers:
+            # the two stage-2 domains are independent (Algorithm 1): train them side by side when GPUs allow
+            errors: list[BaseException] = []
+
+            def guarded(stage, errors=errors):
+                try:
+                    execute(stage)
+                except BaseException as e:  # noqa: BLE001 - re-raised below, after both threads finish
+                    errors.append(e)
+
+            threads = [threading.Thread(target=guarded, args=(d,)) for d in ("sde_image", "sde_sinogram")]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            if errors:
+                raise errors[0]
+            i += 2
+            continue
+        execute(s)
+        i += 1
+    total = time.time() - t_all
+    print(f"train_all: finished in {total:.1f}s: " + ", ".join(f"{k} {v['status']}" + (
+        f" {v['seconds']}s" if "seconds" in v else "") for k, v in summary.items()), flush=True)
+    report = os.path.join(out, "report", "report.md")
+    if os.path.exists(report):
+        print(f"train_all: evaluation report {report}", flush=True)
+    return {"seconds": total, "stages": summary, "out": out, "mlflow_run_id": tracking.parent}
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    run(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
