@@ -12,9 +12,10 @@ the QSPD fields next to the shards, which are only read.
 Output: ``<data>/captions/<shard>.captions.parquet`` (or ``--captions-dir``) and ``captions/manifest.json``
 (engine and settings, prompts, windows, per-sidecar checksums, truncation and empty-reply counts). Idempotent
 and resumable: rows are keyed by case_id + the shard row's array checksum + a settings hash; a re-run captions
-only shards with rows whose key has no caption and reuses the rest; every sidecar is written atomically when its
-shard is done (a sidecar holds one setting: caption an ablation into its own ``--captions-dir``). Progress: one
-line per finished shard. The vllm engine runs in its own runtime_env
+only the rows whose key has no caption and reuses the rest; a sidecar is rewritten atomically after every
+``--rows-per-write`` captioned rows, so an interrupted run loses at most that many rows per shard in flight (a
+sidecar holds one setting: caption an ablation into its own ``--captions-dir``). Progress: a start line with the
+rows to caption, then one line per finished shard with the rate. The vllm engine runs in its own runtime_env
 (``--runtime-env-json``, default ``dudocrop.captions.vllm_engine.DEFAULT_RUNTIME_ENV``).
 """
 
@@ -54,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default="cpu", help="transformers engine: cpu | cuda")
     ap.add_argument("--max-tokens", type=int, default=96, help="VLM answer length")
     ap.add_argument("--batch-size", type=int, default=8, help="VLM requests per generate call")
+    ap.add_argument("--rows-per-write", type=int, default=64,
+                    help="slices per engine call; the sidecar is checkpointed after each (resume granularity)")
     ap.add_argument("--no-qualifier", action="store_true", help="prompts without qualifiers (Fig. 6(a) ablation)")
     ap.add_argument("--tuple-source", choices=["residual", "ma"], default="residual",
                     help="tuples from X_r / Y_r (default) or X_ma / Y_ma (Fig. 6(b) ablation)")
@@ -80,13 +83,15 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
 class CaptionActor:
     """Holds one engine (a model on one accelerator) and captions whole shards."""
 
-    def __init__(self, data: str, captions_dir: str | None, engine: str, kwargs: dict, settings: dict, key: str):
+    def __init__(self, data: str, captions_dir: str | None, engine: str, kwargs: dict, settings: dict, key: str,
+                 rows_per_write: int = 64):
         self.engine = create_engine(engine, **kwargs)
-        self.data, self.captions_dir, self.key = data, captions_dir, key
+        self.data, self.captions_dir, self.key, self.rows_per_write = data, captions_dir, key, rows_per_write
         self.settings = CaptionSettings(**settings)
 
     def __call__(self, row: dict) -> dict:
-        info = caption_shard(self.data, row["shard"], self.engine, self.settings, self.captions_dir, key_hash=self.key)
+        info = caption_shard(self.data, row["shard"], self.engine, self.settings, self.captions_dir,
+                             batch_rows=self.rows_per_write, key_hash=self.key)
         return {"info": json.dumps(asdict(info))}
 
 
@@ -104,6 +109,8 @@ def run(a: argparse.Namespace) -> dict:
     if m is None:
         raise SystemExit(f"no manifest.json in {a.data}: run ray_jobs/prepare_data.py first")
     shards = [s["name"] for s in m["shards"]]
+    if a.rows_per_write < 1:
+        raise SystemExit(f"--rows-per-write must be >= 1, got {a.rows_per_write}")
     settings = CaptionSettings(qualified=not a.no_qualifier, tuple_source=a.tuple_source)
     kwargs = engine_kwargs(a)
     if a.engine != "template":
@@ -139,7 +146,8 @@ def run(a: argparse.Namespace) -> dict:
             if runtime_env:
                 remote["runtime_env"] = runtime_env
             out = ds.map(CaptionActor, compute=ray.data.ActorPoolStrategy(size=a.concurrency),
-                         fn_constructor_args=(a.data, a.captions_dir, a.engine, kwargs, asdict(settings), key),
+                         fn_constructor_args=(a.data, a.captions_dir, a.engine, kwargs, asdict(settings), key,
+                                              a.rows_per_write),
                          **{k: v for k, v in remote.items() if v is not None})
             done_rows = 0
             for k, row in enumerate(out.iter_rows(), start=1):

@@ -11,11 +11,13 @@
 
 from dudocrop.captions.captioning import (
     CAPTION_COLUMNS,
+    CAPTION_TEXTS,
     FIELDS,
     CaptionSettings,
     build_requests,
     caption_records,
     caption_shard,
+    iter_captioned_records,
     join_captions,
     read_captions,
     read_shard_with_captions,
@@ -62,13 +64,14 @@ from dudocrop.captions.template import TemplateEngine
 from dudocrop.captions.tokens import CONTEXT_LENGTH, TokenReport, clip_token_count, fit_clip_context
 
 __all__ = [
-    "CAPTION_COLUMNS", "CONTEXT_LENGTH", "FIELDS", "IMAGE_TOKEN", "LLAVA_PROMPT_FORMAT", "PROMPTS",
+    "CAPTION_COLUMNS", "CAPTION_TEXTS", "CONTEXT_LENGTH", "FIELDS", "IMAGE_TOKEN", "LLAVA_PROMPT_FORMAT", "PROMPTS",
     "CaptionEngine", "CaptionRequest", "CaptionSettings", "GroundTruth", "ImageQSPD", "MetalObject",
     "ModelNotFoundError", "P1ImageContent", "P2ImageTuple", "P3SinogramContent", "P4SinogramTuple", "PNScore",
     "Prompt", "PromptFacts", "SinogramQSPD", "TemplateEngine", "TokenReport", "TraceExtent", "VLMEngine", "Window",
     "build_requests", "caption_records", "caption_shard", "clip_token_count", "create_engine",
     "description_from_reply", "engine_settings", "evaluate_prompts", "fit_clip_context", "get_prompt",
-    "ground_truth", "image_qspd", "join_captions", "llava_prompt", "metal_objects", "read_captions",
+    "ground_truth", "image_qspd", "iter_captioned_records", "join_captions", "llava_prompt", "metal_objects",
+    "read_captions",
     "read_shard_with_captions", "render_tuple", "resolve_model", "score_caption", "sidecar_name", "sinogram_qspd",
     "to_rgb", "trace_extent", "view_image", "window_for", "write_captions_manifest",
 ]

@@ -18,7 +18,9 @@ content description"; Algorithm 1 writes X_ma, which is used for clinical data w
 
 Sidecars: ``<captions_dir>/<shard stem>.captions.parquet``, one row per shard row, keyed by ``case_id`` and the
 shard row's array ``checksum`` (a content hash) plus ``settings_hash`` (engine, prompts, options). A re-run
-reuses every row whose key matches and captions only the rest; files are written atomically.
+reuses every row whose key matches and captions only the rest; files are written atomically, a sidecar after
+every batch of rows (an interruption loses at most one batch). DuDoCLIP reads a shard joined with its captions
+through :func:`read_shard_with_captions` / :func:`iter_captioned_records`; :data:`CAPTION_TEXTS` names A1-A4.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -303,25 +305,37 @@ def pending_requests(data_dir: str, shard_name: str, key_hash: str, settings: Ca
 def caption_shard(data_dir: str, shard_name: str, engine: CaptionEngine,
                   settings: CaptionSettings = CaptionSettings(), captions_dir: str | None = None,
                   batch_rows: int = 64, key_hash: str | None = None) -> SidecarInfo:
-    """Caption one shard into its sidecar (atomic write); rows whose key already matches are reused.
+    """Caption one shard into its sidecar (atomic writes); rows whose key already matches are reused.
 
-    The shard file is only read. ``batch_rows`` bounds how many slices are in memory per engine call;
-    ``key_hash`` overrides the settings hash (a driver that hashed the settings without loading the engine)."""
+    The shard file is only read. ``batch_rows`` bounds how many slices are in memory per engine call, and the
+    sidecar is rewritten (atomically) after every such batch with the rows done so far: an interruption loses at
+    most one batch, and the next call captions only the rows still missing. ``key_hash`` overrides the settings
+    hash (a driver that hashed the settings without loading the engine)."""
+    if batch_rows < 1:
+        raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
     t0 = time.time()
     key_hash = key_hash or settings_hash(engine.settings(), settings)
     rows, todo = _shard_state(data_dir, shard_name, key_hash, captions_dir)
+    cfs, cbase = resolve(captions_dir_of(data_dir, captions_dir))
+    cfs.create_dir(cbase, recursive=True)
+    path = cbase.rstrip("/") + "/" + sidecar_name(shard_name)
+
+    def write() -> tuple[pa.Table, bytes]:
+        # a partial sidecar holds only finished rows, in shard order; readers see it complete or not at all
+        table = rows_to_table([r for r in rows if r is not None])
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        blob = sink.getvalue().to_pybytes()
+        atomic_write_bytes(cfs, path, blob)
+        return table, blob
+
+    out, data = (None, b"") if todo else write()
     for k in range(0, len(todo), batch_rows):
         part = todo[k:k + batch_rows]
         for (i, _), row in zip(part, caption_records([r for _, r in part], engine, settings, key_hash)):
             rows[i] = row
-    out = rows_to_table(rows)
-    sink = pa.BufferOutputStream()
-    pq.write_table(out, sink, compression="zstd")
-    data = sink.getvalue().to_pybytes()
-    cdir = captions_dir_of(data_dir, captions_dir)
-    cfs, cbase = resolve(cdir)
-    cfs.create_dir(cbase, recursive=True)
-    atomic_write_bytes(cfs, cbase.rstrip("/") + "/" + sidecar_name(shard_name), data)
+        out, data = write()
+        log.info("captions: %s: %d/%d rows to caption done", shard_name, min(k + batch_rows, len(todo)), len(todo))
     info = _info(shard_name, out, data, reused=len(rows) - len(todo), captioned=len(todo), seconds=time.time() - t0)
     log.info("captions: %s -> %s: %d rows (%d reused, %d captioned, %d truncated) in %.1fs", shard_name,
              info.sidecar, info.rows, info.reused, info.captioned, info.truncated, info.seconds)
@@ -408,10 +422,15 @@ def join_captions(shard: pa.Table, captions: pa.Table, allow_missing: bool = Fal
 
 
 def read_shard_with_captions(data_dir: str, shard_name: str, captions_dir: str | None = None,
-                             allow_missing: bool = False) -> pa.Table:
-    """A shard joined with its caption sidecar (for the DuDoCLIP stage)."""
+                             allow_missing: bool = False, columns: Sequence[str] | None = None) -> pa.Table:
+    """A shard joined with its caption sidecar (for the DuDoCLIP stage), rows in shard order.
+
+    ``columns``: the shard columns to read (default all; ``case_id`` and ``checksum`` are always read, they
+    key the join); every caption and QSPD column of the sidecar is appended. Texts for CLIP:
+    :data:`CAPTION_TEXTS` (A1-A4)."""
     fs, base = resolve(data_dir)
-    shard = pq.read_table(base.rstrip("/") + "/" + shard_name, filesystem=fs)
+    cols = None if columns is None else list(dict.fromkeys(["case_id", "checksum", *columns]))
+    shard = pq.read_table(base.rstrip("/") + "/" + shard_name, filesystem=fs, columns=cols)
     caps = read_captions(data_dir, shard_name, captions_dir)
     if caps is None:
         if not allow_missing:
@@ -419,3 +438,16 @@ def read_shard_with_captions(data_dir: str, shard_name: str, captions_dir: str |
                                     f"{captions_dir_of(data_dir, captions_dir)}: run ray_jobs/caption.py")
         caps = rows_to_table([])
     return join_captions(shard, caps, allow_missing)
+
+
+#: the four CLIP texts per slice (Algorithm 1 step 2): A1 content of the image, A2 image tuple, A3 content of
+#: the sinogram, A4 sinogram tuple — each at most 77 CLIP tokens
+CAPTION_TEXTS = {"A1": "caption_x_content", "A2": "caption_x_tuple", "A3": "caption_y_content",
+                 "A4": "caption_y_tuple"}
+
+
+def iter_captioned_records(data_dir: str, shard_name: str, captions_dir: str | None = None,
+                           columns: Sequence[str] | None = None) -> Iterable[dict]:
+    """Slice records (numpy arrays, as :func:`dudocrop.data.shards.iter_records`) with their caption columns;
+    every row must be captioned with its current arrays (else ValueError / FileNotFoundError)."""
+    yield from iter_records(read_shard_with_captions(data_dir, shard_name, captions_dir, columns=columns))
