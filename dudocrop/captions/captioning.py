@@ -49,6 +49,7 @@ from dudocrop.captions.tokens import CONTEXT_LENGTH, fit_clip_context
 from dudocrop.ct.geometry import get_geometry
 from dudocrop.data.schema import row_checksum
 from dudocrop.data.shards import atomic_write_bytes, iter_records, resolve
+from dudocrop.data.sidecar import join_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -391,34 +392,7 @@ def join_captions(shard: pa.Table, captions: pa.Table, allow_missing: bool = Fal
 
     A caption row whose ``checksum`` differs from the shard row's is stale (the arrays changed): ValueError.
     Rows without captions raise unless ``allow_missing`` (their caption columns are then null)."""
-    cids = captions["case_id"].to_pylist()
-    index = {}
-    for i, c in enumerate(cids):
-        if c in index:
-            raise ValueError(f"captions hold case_id {c!r} twice")
-        index[c] = i
-    ssum = shard["checksum"].to_pylist()
-    csum = captions["checksum"].to_pylist()
-    take, missing, stale = [], [], []
-    for c, k in zip(shard["case_id"].to_pylist(), ssum):
-        j = index.get(c)
-        if j is None:
-            missing.append(c)
-        elif csum[j] != k:
-            stale.append(c)
-        take.append(j)
-    if stale:
-        raise ValueError(f"captions are stale for {len(stale)} rows (array checksum changed), e.g. {stale[:3]}: "
-                         f"re-run ray_jobs/caption.py")
-    if missing and not allow_missing:
-        raise ValueError(f"no captions for {len(missing)} rows, e.g. {missing[:3]}: run ray_jobs/caption.py")
-    idx = pa.array(take, type=pa.int64())
-    out = shard
-    for name in captions.column_names:
-        if name in ("case_id", "checksum") or name in shard.column_names:
-            continue
-        out = out.append_column(captions.schema.field(name), captions[name].take(idx))
-    return out
+    return join_sidecar(shard, captions, "captions", allow_missing, remedy="run ray_jobs/caption.py")
 
 
 def read_shard_with_captions(data_dir: str, shard_name: str, captions_dir: str | None = None,
