@@ -116,7 +116,8 @@ def _fmt_psnr(v: float) -> str:
 def save_panel(path: str | os.PathLike, columns: Mapping[str, object], reference=None, metal_mask=None,
                window: tuple[float, float] = DISPLAY_WINDOW_HU,
                error_window: tuple[float, float] = ERROR_WINDOW_HU, annotate: bool = True,
-               scale: int | None = None, metric_window: tuple[float, float] = CT_RANGE_HU) -> Path:
+               scale: int | None = None, metric_window: tuple[float, float] = CT_RANGE_HU,
+               image_labels: Mapping[str, str] | None = None) -> Path:
     """Write a comparison panel PNG to ``path`` (atomically: a temporary file in the same folder, then
     ``os.replace``) and return the path.
 
@@ -132,6 +133,8 @@ def save_panel(path: str | os.PathLike, columns: Mapping[str, object], reference
         annotate: draw column titles and the metric labels (False: the bare image grid).
         scale: integer zoom of every tile (default: reach :data:`TILE_MIN_PX` pixels).
         metric_window: window for the printed PSNR / SSIM (full CT range by default).
+        image_labels: title -> text printed under that column's image instead of the computed PSNR / SSIM
+            (e.g. the paper's "PSNR/SSIM/LPIPS×100" from the evaluation tables); needs ``reference``.
 
     The PNG's (height, width) is :func:`panel_size` ``(len(columns), (H, W), reference is not None, annotate,
     scale)``.
@@ -158,6 +161,12 @@ def save_panel(path: str | os.PathLike, columns: Mapping[str, object], reference
         ref = _image2d(reference, "reference")
         if ref.shape != shape:
             raise ValueError(f"reference must have the columns' shape {shape}, got {ref.shape}")
+    if image_labels is not None:
+        if ref is None:
+            raise ValueError("image_labels need a reference (labels are drawn in the band under each image)")
+        if not isinstance(image_labels, Mapping) or set(image_labels) != set(imgs) or not all(
+                isinstance(v, str) for v in image_labels.values()):
+            raise ValueError(f"image_labels must map every column title {list(imgs)} to a str, got {image_labels!r}")
     metal = None if metal_mask is None else _mask2d(metal_mask, "metal_mask", shape)
     window = _window(window, "window")
     error_window = _window(error_window, "error_window")
@@ -185,7 +194,9 @@ def save_panel(path: str | os.PathLike, columns: Mapping[str, object], reference
             data = img if kind == "image" else img - ref
             canvas[y0:y0 + th, x0:x0 + tw] = _to_rgb(data, win, metal, s)
             if annotate and ref is not None:
-                if kind == "image":
+                if kind == "image" and image_labels is not None:
+                    text = image_labels[title]
+                elif kind == "image":
                     p = float(psnr(t_img, t_ref, m_t, window=metric_window)[0])
                     q = float(ssim(t_img, t_ref, m_t, window=metric_window)[0])
                     text = f"PSNR {_fmt_psnr(p)} dB  SSIM {q:.4f}"

@@ -1,0 +1,131 @@
+"""LPIPS loader: the unavailable path names the file; the offline loader reads torchvision's AlexNet file from
+TORCH_HOME or an explicit path and matches the lpips package's own construction.
+
+Every backbone file in these tests is torchvision's ``alexnet()`` with RANDOM weights, written to a temporary
+TORCH_HOME: they test the loader (which file is read, that every trunk tensor comes from it, the CT input
+mapping), not an LPIPS value. No number computed here is a metric.
+"""
+
+import functools
+import os
+
+import pytest
+import torch
+
+from dudocrop.metrics import lpips as L
+
+
+@functools.lru_cache(maxsize=2)
+def _random_alexnet_state(features_only: bool = True) -> dict:
+    import torchvision
+
+    torch.manual_seed(0)
+    sd = torchvision.models.alexnet(weights=None).state_dict()
+    return {k: v for k, v in sd.items() if k.startswith("features.")} if features_only else sd
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    L._CACHE.clear()
+    yield tmp_path / "torch"
+    L._CACHE.clear()
+
+
+def _write(path, sd):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(sd, path)
+    return path
+
+
+def _pair(n=1, size=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ref = torch.randn((n, 1, size, size), generator=g) * 100.0
+    return ref + torch.randn((n, 1, size, size), generator=g) * 80.0, ref
+
+
+def test_unavailable_names_the_path(torch_home):
+    expected = torch_home / "hub" / "checkpoints" / L.ALEXNET_FILENAME
+    assert L.alexnet_weights_path() == expected
+    ok, why = L.lpips_available()
+    assert not ok and str(expected) in why
+    with pytest.raises(L.LPIPSUnavailable, match=str(expected)) as e:
+        L.LPIPSMetric()
+    assert isinstance(e.value, FileNotFoundError)
+    other = torch_home / "elsewhere.pth"
+    ok, why = L.lpips_available(other)
+    assert not ok and str(other) in why
+    with pytest.raises(L.LPIPSUnavailable, match="elsewhere.pth"):
+        L.load_lpips(other)
+
+
+def test_malformed_file_is_a_value_error_naming_it(torch_home):
+    target = torch_home / "hub" / "checkpoints" / L.ALEXNET_FILENAME
+    p = _write(target, {"features.0.weight": torch.zeros(64, 3, 11, 11)})
+    assert L.lpips_available()[0]  # the file exists; its contents are checked on load
+    with pytest.raises(ValueError, match="features.0.bias"):
+        L.load_lpips()
+    _write(p, {k: torch.zeros(1) for k in _random_alexnet_state()})
+    with pytest.raises(ValueError, match="shape"):
+        L.load_lpips()
+
+
+def test_loader_reads_every_trunk_tensor_from_the_file(torch_home):
+    # loader test with a random-weight backbone: checks where the weights come from, not an LPIPS value
+    sd = _random_alexnet_state()
+    _write(torch_home / "hub" / "checkpoints" / L.ALEXNET_FILENAME, sd)
+    ok, where = L.lpips_available()
+    assert ok and where.endswith(L.ALEXNET_FILENAME)
+    model = L.load_lpips()
+    own = model.state_dict()
+    for i, k in L._TRUNK_LAYERS.items():
+        for part in ("weight", "bias"):
+            assert torch.equal(own[f"net.slice{k}.{i}.{part}"], sd[f"features.{i}.{part}"])
+    # the package's calibrated linear layers are loaded too (they ship with lpips)
+    import lpips
+
+    lin = torch.load(os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1", "alex.pth"), map_location="cpu")
+    assert torch.equal(own["lin0.model.1.weight"], lin["lin0.model.1.weight"])
+
+    metric = L.LPIPSMetric()
+    x, ref = _pair(2)
+    d = metric(x, ref)
+    assert d.shape == (2,) and d.dtype == torch.float64
+    assert torch.all(metric(ref, ref) == 0)  # identical images: 0
+    assert torch.all(d > 0)  # different images: > 0
+    # metal pixels of x take ref's values: a difference confined to the metal does not count
+    metal = torch.zeros_like(ref, dtype=torch.bool)
+    metal[..., 10:20, 10:20] = True
+    assert torch.all(metric(torch.where(metal, ref + 500.0, ref), ref, metal_mask=metal) == 0)
+    assert torch.all(metric(torch.where(metal, ref + 500.0, ref), ref) > 0)
+
+
+def test_explicit_path_and_window_mapping(torch_home):
+    # loader test with a random-weight backbone: not a metric value
+    p = _write(torch_home / "custom" / "alex.pth", _random_alexnet_state())
+    assert not L.lpips_available()[0] and L.lpips_available(p)[0]
+    metric = L.LPIPSMetric(weights_path=p)
+    x, ref = _pair(1)
+    # values outside the display window [-175, 275] HU are clipped before LPIPS
+    assert L.LPIPS_WINDOW_HU == (-175.0, 275.0)
+    y = L.to_lpips_input(torch.tensor([[[[-1000.0, -175.0, 50.0, 275.0, 3000.0]]]]))
+    assert y.shape == (1, 3, 1, 5)
+    assert torch.allclose(y[0, 0, 0], torch.tensor([-1.0, -1.0, 0.0, 1.0, 1.0]))
+    assert torch.equal(metric(x.clamp(-175, 275), ref), metric(x, ref))
+    with pytest.raises(ValueError, match="at least 32"):
+        metric(x[..., :16, :16], ref[..., :16, :16])
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torchvision's legacy-argument warnings inside lpips
+def test_matches_the_lpips_package_loading_from_torch_home(torch_home):
+    # loader equivalence with a random-weight backbone: lpips' own pnet_rand=False construction reads the
+    # same TORCH_HOME file through torchvision / torch.hub (offline, the file exists); not a metric value
+    import lpips
+
+    _write(torch_home / "hub" / "checkpoints" / L.ALEXNET_FILENAME, _random_alexnet_state(features_only=False))
+    official = lpips.LPIPS(pretrained=True, net="alex", pnet_rand=False, verbose=False)
+    ours = L.load_lpips()
+    x, ref = _pair(2, size=64, seed=3)
+    a, b = L.to_lpips_input(x), L.to_lpips_input(ref)
+    with torch.no_grad():
+        assert torch.allclose(official(a, b).reshape(-1), ours(a, b).reshape(-1), rtol=1e-6, atol=0)
