@@ -24,6 +24,7 @@ from dudocrop.pipeline.model import DuDoCROP, PipelineConfig, residual_from_unit
 from dudocrop.pipeline.osro import OSROConfig
 from dudocrop.sde.config import get_unet_config
 from dudocrop.sde.irsde import IRSDE
+from dudocrop.sde.train import SDEModel
 from dudocrop.sde.unet import build_unet
 
 GEOM = "tiny"
@@ -51,7 +52,7 @@ class Oracle(torch.nn.Module):
 
 
 def _slot(domain, unet, use_embeddings=False):
-    return SimpleNamespace(unet=unet, sde=IRSDE(), domain=domain, use_embeddings=use_embeddings)
+    return SDEModel(unet, IRSDE(), domain, use_embeddings, None)
 
 
 def _oracle_pipeline(case, **cfg):

@@ -46,7 +46,6 @@ class PipelineConfig:
     sampler: Literal["posterior", "sde"] = "posterior"
     tile: int | None = None
     tile_overlap: int = 32
-    x0_range: tuple[float, float] | None = (0.0, 1.0)
     domains: Literal["dual", "image", "sinogram"] = "dual"
     osro: OSROConfig = field(default_factory=OSROConfig)
     metal_threshold_hu: float = METAL_THRESHOLD_HU
@@ -168,15 +167,13 @@ class DuDoCROP:
         return out
 
     def _sample(self, key: str, mu: torch.Tensor, emb: tuple | None, seed_stream: int) -> torch.Tensor:
-        m = self.models[key]
         c = self.config
-        content, control = emb if (emb is not None and m.use_embeddings) else (None, None)
+        content, control = emb if emb is not None else (None, None)
         g = torch.Generator(device=mu.device)
         g.manual_seed(c.seed * 1000 + seed_stream)
-        kw = dict(steps=c.steps, sampler=c.sampler, generator=g, x0_range=c.x0_range)
-        if c.tile is not None and max(mu.shape[-2:]) > c.tile:
-            return m.sde.sample_tiled(m.unet, mu, content, control, tile=c.tile, overlap=c.tile_overlap, **kw)
-        return m.sde.sample(m.unet, mu, content, control, **kw)
+        tile = c.tile if c.tile is not None and max(mu.shape[-2:]) > c.tile else None
+        return self.models[key].restore(mu, content, control, steps=c.steps, sampler=c.sampler, generator=g,
+                                        tile=tile, overlap=c.tile_overlap)
 
     def fbp_unit(self, y_unit: torch.Tensor) -> torch.Tensor:
         """FBP from normalised line integrals to normalised attenuation (no clipping: FBP noise may be < 0)."""
@@ -267,8 +264,6 @@ def pipeline_config_from_dict(d: dict) -> PipelineConfig:
     d = dict(d)
     if isinstance(d.get("osro"), dict):
         d["osro"] = OSROConfig(**d["osro"])
-    if isinstance(d.get("x0_range"), list):
-        d["x0_range"] = tuple(d["x0_range"])
     return PipelineConfig(**d)
 
 

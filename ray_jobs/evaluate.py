@@ -1,0 +1,181 @@
+"""Evaluate DuDoCROP against the baselines and its own ablations (paper Tables III-V, Figs. 9 and 13).
+
+    python ray_jobs/evaluate.py --data outputs/train_all/data --models outputs/train_all/models \\
+        --out outputs/train_all/report [--split test] [--max-slices 16] [--steps 25]
+
+Methods: uncorrected, LI, NMAR, and every Table V row (``dudocrop.pipeline.ablation``: the image prior with and
+without normalisation, the sinogram prior with and without fidelity, fusion, residual refining, DuDoCROP), all
+from ONE sampling of the diffusion priors per slice. ``--baseline-models`` adds the priors of models trained
+without DuDoCLIP guidance (the "+ DuDoCLIP" rows). PSNR / SSIM in the full CT range outside the metal inside the
+body (``dudocrop.metrics``); LPIPS and the perceptual indicators PI_q / PI_s (Eq. 18-19, on simulated metal
+sweeps) only with the AlexNet backbone on disk — otherwise reported as unavailable. Output: ``report.md``,
+``report.csv``, ``rows.json`` (per slice), PNG panels; seconds per slice per method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+from dudocrop.classic.li import li
+from dudocrop.classic.nmar import nmar
+from dudocrop.eval.report import PANEL_LEGEND, comparison_panel, score_rows, summarize, write_tables
+from dudocrop.eval.sweeps import make_sweeps, sweeps_pi
+from dudocrop.metrics.image import body_mask
+from dudocrop.metrics.lpips import LPIPSMetric, LPIPSUnavailable
+from dudocrop.pipeline.ablation import ROWS, TABLE_V, ablation_outputs
+from dudocrop.pipeline.model import DuDoCROP
+from dudocrop.pipeline.osro import OSROConfig
+from dudocrop.train.rows import load_split
+
+COLUMNS = ["case_id", "X_ma", "X_ref", "Y_ma", "metal_mask", "metal_trace"]
+#: columns of the Fig. 9-like panel (baselines vs DuDoCROP) and the Fig. 13-like panel (DuDoCROP's modules).
+FIG9 = ("uncorrected", "LI", "NMAR", "dudocrop")
+FIG13 = ("image_norm", "sino_fidelity", "refine_norm", "dudocrop")
+LABELS = {"uncorrected": "Uncorrected", "LI": "LI", "NMAR": "NMAR", **{r.name: r.label for r in TABLE_V}}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--models", required=True, help="model folder or MLflow URI (runs:/<id>/models)")
+    ap.add_argument("--baseline-models", help="models trained without DuDoCLIP guidance (the '+ DuDoCLIP' rows)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--dataset", default=None, help="dataset name in the tables (default: <geometry>-<split>)")
+    ap.add_argument("--max-slices", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=None, help="reverse-diffusion steps (default: the models' T)")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--k", type=float, default=None, help="Eq. 13 factor (default: the model's pipeline.json)")
+    ap.add_argument("--alpha", type=float, default=None, help="Eq. 15 factor")
+    ap.add_argument("--beta", type=float, default=None, help="Eq. 15 factor")
+    ap.add_argument("--sweeps", default="tiny", help="metal-sweep preset for PI_q / PI_s, or 'none'")
+    ap.add_argument("--lpips-weights", default=None, help="AlexNet backbone file (default: $TORCH_HOME/hub/...)")
+    ap.add_argument("--gpu", action="store_true")
+    return ap.parse_args(argv)
+
+
+def _timed(fn, *args, **kw):
+    t0 = time.perf_counter()
+    out = fn(*args, **kw)
+    return out, time.perf_counter() - t0
+
+
+def restore(model: DuDoCROP, x_ma, y_ma, mask, trace, cfg: OSROConfig, baseline: DuDoCROP | None = None):
+    """Every method's HU output for a batch and its seconds per slice."""
+    n = x_ma.shape[0]
+    outs, secs = {"uncorrected": x_ma}, {"uncorrected": 0.0}
+    outs["LI"], t = _timed(li, y_ma, mask, x_ma, model.op, trace=trace)
+    secs["LI"] = t / n
+    outs["NMAR"], t = _timed(nmar, y_ma, mask, x_ma, model.op, trace=trace)
+    secs["NMAR"] = t / n
+    x, y, m, tr = model.prepare(x_ma, y_ma, mask, trace)
+    (x_prior, y_prior), t_img_sino = _timed(model.priors, x, y, m, tr)
+    rows, t_rows = _timed(ablation_outputs, model, x, y, m, tr, x_prior, y_prior, cfg)
+    for name, v in rows.items():
+        outs[name] = v
+        # the priors dominate; each row is charged for them plus an equal share of the OSRO work
+        secs[name] = (t_img_sino + t_rows / max(1, len(rows))) / n
+    if baseline is not None:
+        (bx, by), t_b = _timed(baseline.priors, x, y, m, tr)
+        brows = ablation_outputs(baseline, x, y, m, tr, bx, by, cfg, rows=(ROWS["image_norm"], ROWS["sino_fidelity"]))
+        for name, v in brows.items():
+            outs[f"{name}_no_dudoclip"] = v
+            secs[f"{name}_no_dudoclip"] = t_b / n
+    return outs, secs
+
+
+def run(a: argparse.Namespace) -> dict:
+    device = "cuda" if a.gpu else "cpu"
+    model = DuDoCROP.load(a.models, device=device, steps=a.steps)
+    base = model.config.osro
+    cfg = OSROConfig(k=base.k if a.k is None else a.k, alpha=base.alpha if a.alpha is None else a.alpha,
+                     beta=base.beta if a.beta is None else a.beta)
+    baseline = DuDoCROP.load(a.baseline_models, device=device, steps=a.steps) if a.baseline_models else None
+    rows_in = load_split(a.data, a.split, COLUMNS)
+    n = min(a.max_slices, len(rows_in))
+    dataset = a.dataset or f"{model.geometry.name}-{a.split}"
+    os.makedirs(a.out, exist_ok=True)
+    notes = [f"{n} slices of split '{a.split}' of {a.data}; {a.steps or 'T'} reverse-diffusion steps per prior; "
+             f"OSRO k={cfg.k}, alpha={cfg.alpha}, beta={cfg.beta}.",
+             "PSNR / SSIM over the full CT range [-1024, 3072] HU, outside the metal, inside the body of the "
+             "reference (dudocrop.metrics.image).", PANEL_LEGEND]
+    try:
+        lp = LPIPSMetric(a.lpips_weights, device=device)
+    except LPIPSUnavailable as e:
+        lp = None
+        notes.append(f"LPIPS and PI unavailable: {e}")
+    if any(getattr(m, "is_random", False) for m in [model.clip] if m is not None):
+        notes.append("DuDoCLIP towers were randomly initialised (tiny preset): its guidance is learned from scratch, "
+                     "not the pretrained CLIP of the paper.")
+    rows, t0 = [], time.time()
+    first = None
+    for i in range(0, n, a.batch_size):
+        b = rows_in.take(np.arange(i, min(n, i + a.batch_size)))
+        t = {k: torch.from_numpy(np.ascontiguousarray(b[k]))[:, None].to(device)
+             for k in ("X_ma", "X_ref", "Y_ma", "metal_mask", "metal_trace")}
+        outs, secs = restore(model, t["X_ma"], t["Y_ma"], t["metal_mask"], t["metal_trace"] > 0, cfg, baseline)
+        roi = body_mask(t["X_ref"])
+        for name, x in outs.items():
+            rows += score_rows(name, dataset, b["case_id"], x, t["X_ref"], t["metal_mask"], secs[name], lp, roi)
+        if first is None:
+            first = {k: v[:1].cpu() for k, v in outs.items()}, t["X_ref"][:1].cpu(), t["metal_mask"][:1].cpu()
+        print(f"evaluate: {min(n, i + a.batch_size)}/{n} slices | {time.time() - t0:.1f}s", flush=True)
+
+    pi = None
+    if lp is not None and a.sweeps != "none":
+        pi = sweep_indicators(model, cfg, lp, a.sweeps, dataset)
+    names = [r["method"] for r in rows]
+    ordered = list(dict.fromkeys(names))
+    for r in rows:
+        r["method"] = LABELS.get(r["method"], r["method"])
+    if pi is not None:
+        pi = {(ds, LABELS.get(m, m)): v for (ds, m), v in pi.items()}
+    paths = write_tables(rows, a.out, stem="report", pi=pi, title="DuDoCROP evaluation", notes=notes)
+    with open(os.path.join(a.out, "rows.json.tmp"), "w") as f:
+        json.dump(rows, f, indent=1)
+    os.replace(os.path.join(a.out, "rows.json.tmp"), os.path.join(a.out, "rows.json"))
+    outs, ref, mask = first
+    for fig, cols in (("fig9_methods.png", FIG9), ("fig13_modules.png", FIG13)):
+        keep = {LABELS[c]: outs[c] for c in cols if c in outs}
+        comparison_panel(os.path.join(a.out, fig), keep, ref, mask, lpips=lp)
+    summary = summarize(rows, pi)
+    result = {"slices": n, "seconds": time.time() - t0}
+    for s in summary:
+        key = next((k for k in ordered if LABELS.get(k, k) == s.method), s.method)
+        result[f"psnr_{key}"] = s.psnr.mean
+        result[f"ssim_{key}"] = s.ssim.mean
+    print(f"evaluate: wrote {paths['markdown']} and {paths['csv']} ({n} slices, {len(ordered)} methods)", flush=True)
+    print(open(paths["markdown"]).read(), flush=True)
+    return result
+
+
+def sweep_indicators(model: DuDoCROP, cfg: OSROConfig, lp, preset: str, dataset: str) -> dict:
+    """PI_q and PI_s (Eq. 18-19) per method on simulated metal sweeps (same slice, growing count / size)."""
+    counts, sizes = make_sweeps(model.op, preset)
+    pi: dict[tuple[str, str], dict] = {}
+    for kind, sweeps in (("pi_q", counts), ("pi_s", sizes)):
+        per_method: dict[str, list[torch.Tensor]] = {}
+        for sw in sweeps:
+            x_ma, y_ma = sw.stack("X_ma").to(model.device), sw.stack("Y_ma").to(model.device)
+            mask, trace = sw.stack("metal_mask").to(model.device), sw.stack("metal_trace").to(model.device) > 0
+            outs, _ = restore(model, x_ma, y_ma, mask, trace, cfg)
+            for name, x in outs.items():
+                per_method.setdefault(name, []).append(x.cpu())
+        for name, xs in per_method.items():
+            pi.setdefault((dataset, name), {"pi_q": None, "pi_s": None})[kind] = sweeps_pi(sweeps, xs, lp)
+    return pi
+
+
+def main(argv=None) -> int:
+    run(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
