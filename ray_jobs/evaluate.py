@@ -38,6 +38,9 @@ COLUMNS = ["case_id", "X_ma", "X_ref", "Y_ma", "metal_mask", "metal_trace"]
 FIG9 = ("uncorrected", "LI", "NMAR", "dudocrop")
 FIG13 = ("image_norm", "sino_fidelity", "refine_norm", "dudocrop")
 LABELS = {"uncorrected": "Uncorrected", "LI": "LI", "NMAR": "NMAR", **{r.name: r.label for r in TABLE_V}}
+#: short column titles for the panels (Fig. 13's (a)-(d)).
+PANEL_TITLES = {"uncorrected": "Uncorrected", "LI": "LI", "NMAR": "NMAR", "image_norm": "Image prior",
+                "sino_fidelity": "Sinogram prior", "refine_norm": "Residual refined", "dudocrop": "DuDoCROP"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -142,7 +145,7 @@ def run(a: argparse.Namespace) -> dict:
     os.replace(os.path.join(a.out, "rows.json.tmp"), os.path.join(a.out, "rows.json"))
     outs, ref, mask = first
     for fig, cols in (("fig9_methods.png", FIG9), ("fig13_modules.png", FIG13)):
-        keep = {LABELS[c]: outs[c] for c in cols if c in outs}
+        keep = {PANEL_TITLES[c]: outs[c] for c in cols if c in outs}
         comparison_panel(os.path.join(a.out, fig), keep, ref, mask, lpips=lp)
     summary = summarize(rows, pi)
     result = {"slices": n, "seconds": time.time() - t0}

@@ -22,7 +22,7 @@ import torch
 from dudocrop.ct.geometry import get_geometry
 from dudocrop.data.shards import read_manifest, resolve
 from dudocrop.data.sidecar import read_sidecar, write_sidecar
-from dudocrop.pipeline.model import PIPELINE_FILE, DuDoCROP, osro_region, save_pipeline_meta
+from dudocrop.pipeline.model import PIPELINE_FILE, DuDoCROP, check_model_folder, osro_region, save_pipeline_meta
 from dudocrop.pipeline.osro import OSROConfig, osro
 
 KIND = "priors"
@@ -87,6 +87,7 @@ def run(a: argparse.Namespace) -> dict:
     m = read_manifest(a.data)
     if m is None:
         raise SystemExit(f"no manifest.json in {a.data}: run ray_jobs/prepare_data.py first")
+    check_model_folder(a.models, meta=False)
     if not os.path.isfile(os.path.join(a.models, PIPELINE_FILE)):
         save_pipeline_meta(a.models, get_geometry(m["geometry"]["name"]))
     fs, base = resolve(a.data)

@@ -130,13 +130,12 @@ class DuDoCROP:
         from dudocrop.sde.train import load_sde_model
 
         folder = resolve_model_location(location)
+        check_model_folder(folder)
         with open(os.path.join(folder, PIPELINE_FILE)) as f:
             meta = json.load(f)
         loaded = {}
         for key in ("image", "sinogram", "residual"):
             p = os.path.join(folder, MODEL_FILES[key])
-            if key != "residual" and not os.path.isfile(p):
-                raise FileNotFoundError(f"model folder {folder} has no {MODEL_FILES[key]} (the {key}-domain IR-SDE)")
             loaded[key] = load_sde_model(p, device=device) if os.path.isfile(p) else None
         clip_path = os.path.join(folder, MODEL_FILES["clip"])
         clip = load_dudoclip(clip_path, device=device) if os.path.isfile(clip_path) else None
@@ -277,6 +276,16 @@ def save_pipeline_meta(folder: str, geometry: FanBeamGeometry | str,
         json.dump({"geometry": get_geometry(geometry).name, "pipeline": asdict(config)}, f, indent=2, sort_keys=True)
     os.replace(tmp, path)
     return path
+
+
+def check_model_folder(folder: str, meta: bool = True) -> None:
+    """FileNotFoundError naming what a model folder lacks: the image and sinogram IR-SDEs (the residual IR-SDE
+    and DuDoCLIP are optional: without them Eq. 13 is skipped / the models must be unguided) and pipeline.json."""
+    need = [MODEL_FILES["image"], MODEL_FILES["sinogram"]] + ([PIPELINE_FILE] if meta else [])
+    missing = [f for f in need if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        raise FileNotFoundError(f"model folder {folder} lacks {missing}: train the stage-2 models with "
+                                f"ray_jobs/train_sde.py (or run ray_jobs/train_all.py)")
 
 
 def resolve_model_location(location: str) -> str:
