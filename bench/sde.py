@@ -1,13 +1,21 @@
 """IR-SDE / conditional U-Net benchmark: parameters and FLOPs per network evaluation, seconds per training step,
-seconds to restore one 512² image and one 1000x900 sinogram with 100 steps and with the fewest steps (1).
+seconds to restore one 512² image and one 1000x900 sinogram with 100 steps and with the fewest steps (1), and the
+held-out PSNR of tiny models trained with and without DuDoCLIP guidance (issue 6).
 
-    python bench/sde.py --json            # CPU: tiny timings, FLOPs of tiny and paper (about 1-3 min on 2 cores)
-    python bench/sde.py --json --quick    # smaller timing inputs, for a smoke run
+    python bench/sde.py --json            # CPU: tiny timings, FLOPs of tiny and paper, guidance A/B (≈10-20 min)
+    python bench/sde.py --json --quick    # smaller timing inputs and a short A/B, for a smoke run
+    python bench/sde.py --json --data D   # the A/B on prepared shards D with their stage-1 embeddings sidecar
 
 FLOPs are counted with torch.utils.flop_counter.FlopCounterMode on the meta device (no compute; a multiply-add is
 2 FLOPs). On CPU only the ``tiny`` preset is timed; ``paper`` is timed when CUDA is available (training at the paper's
 batch 16 x 256², REFERENCE §1). Sampling time is linear in the number of network evaluations, so 100-step times on
 CPU are extrapolated from runs with 1 and ``--measure-steps`` steps and say so (``"extrapolated": true``).
+
+Guidance A/B (``"guidance"``): the tiny image-domain IR-SDE trained in-process (dudocrop.sde.train.fit_in_process,
+the loop the Ray job runs per worker) for ``--guidance-steps`` steps with and without embeddings, same seed, data
+and steps; held-out PSNR/SSIM (val split, full size, 10 and 100 sampler steps) next to the uncorrected input's.
+Without ``--data`` it builds tiny synthetic shards and takes the embeddings from an UNTRAINED tiny DuDoCLIP (random
+weights): the output says so, and such a comparison measures the plumbing, not the value of stage 1.
 """
 
 from __future__ import annotations
@@ -102,11 +110,88 @@ def sampling_seconds(preset: str, shape: tuple[int, int], device: torch.device, 
     return rows
 
 
+def _synthetic_data(out: str, n_train: int, n_val: int) -> str:
+    """Tiny synthetic shards (train + val) with an embeddings sidecar from an untrained tiny DuDoCLIP."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dudocrop.clip import DuDoCLIP
+    from dudocrop.ct.geometry import get_geometry
+    from dudocrop.data.build import ShardSpec, SourceOptions, build_shard, list_case_refs
+    from dudocrop.data.shards import write_manifest
+    from dudocrop.data.sidecar import write_sidecar
+
+    opts = SourceOptions(source="synthetic", geometry="tiny", n_patients=(n_train + n_val + 1) // 2,
+                         slices_per_patient=2)
+    refs = list_case_refs(opts)
+    infos = [build_shard(ShardSpec("train-00000.parquet", "train", tuple(refs[:n_train])), opts, out),
+             build_shard(ShardSpec("val-00000.parquet", "val", tuple(refs[n_train:n_train + n_val])), opts, out)]
+    write_manifest(out, infos, get_geometry("tiny").to_dict(), {"bench": "sde guidance"})
+    torch.manual_seed(0)
+    clip = DuDoCLIP.from_config("tiny").eval()
+    for info in infos:
+        t = pq.read_table(os.path.join(out, info.name), columns=["case_id", "checksum", "X_ma", "Y_ma"])
+        cols = {"case_id": t["case_id"], "checksum": t["checksum"]}
+        for domain, col in (("image", "X_ma"), ("sinogram", "Y_ma")):
+            x = torch.from_numpy(t[col].combine_chunks().to_numpy_ndarray().astype(np.float32))[:, None]
+            with torch.no_grad():
+                e = clip.encode_ct(clip.preprocess(x, domain, geometry="tiny"), domain)
+            cols[f"e_{domain}_content"] = pa.array(list(e.content.numpy()), type=pa.list_(pa.float32()))
+            cols[f"e_{domain}_control"] = pa.array(list(e.control.numpy()), type=pa.list_(pa.float32()))
+        write_sidecar(out, "embeddings", info.name, pa.table(cols))
+    return out
+
+
+def guidance_ab(data: str | None, steps: int, val_slices: int, source: str) -> dict:
+    """Held-out PSNR of the tiny image-domain model trained with and without embeddings (same everything else)."""
+    import tempfile
+
+    from dudocrop.sde.train import (
+        domain_columns,
+        fit_in_process,
+        get_train_config,
+        normalization_for_data,
+        sde_model_from_training,
+        validate,
+    )
+    from dudocrop.train import load_split
+
+    with tempfile.TemporaryDirectory(prefix="dudocrop-bench-sde-") as tmp:
+        t0 = time.perf_counter()
+        if data is None:
+            data = _synthetic_data(tmp, 24, val_slices)
+        built = round(time.perf_counter() - t0, 1)
+        norm = normalization_for_data(data)
+        what = (f"tiny synthetic shards (24 train / {val_slices} val slices), built in {built}s"
+                if source.startswith("UNTRAINED") else data)
+        out = {"embeddings": source, "data": what, "train_steps": steps,
+               "preset": "tiny", "domain": "image", "runs": {}}
+        for guided in (True, False):
+            cfg = get_train_config("tiny", steps=steps, use_embeddings=guided)
+            cols, side = domain_columns("image", guided)
+            rows, val = load_split(data, "train", cols, side), load_split(data, "val", cols, side)
+            t1 = time.perf_counter()
+            unet, ema, losses = fit_in_process(cfg, rows, norm)
+            train_s = time.perf_counter() - t1
+            model = sde_model_from_training(unet, ema, cfg, norm)
+            row = {"train_seconds": round(train_s, 1), "loss_first_20": round(sum(losses[:20]) / 20, 5),
+                   "loss_last_20": round(sum(losses[-20:]) / 20, 5)}
+            for k in (10, 100):
+                r = validate(model, val, n=val_slices, steps=k, seed=0)
+                row[f"steps_{k}"] = {key[4:]: round(v, 4) for key, v in r.items()}
+            out["runs"]["with_dudoclip" if guided else "without_dudoclip"] = row
+        return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--quick", action="store_true", help="smaller timing inputs (smoke run)")
     ap.add_argument("--measure-steps", type=int, default=3, help="CPU: steps actually run to extrapolate 100")
+    ap.add_argument("--data", default=None, help="guidance A/B on these shards (with an embeddings sidecar)")
+    ap.add_argument("--guidance-steps", type=int, default=None, help="training steps per A/B model (default 300)")
+    ap.add_argument("--skip-guidance", action="store_true", help="leave the trained-model A/B out")
     args = ap.parse_args(argv)
     if args.measure_steps < 2:
         ap.error("--measure-steps must be >= 2")
@@ -130,6 +215,14 @@ def main(argv=None) -> int:
         for preset in ("tiny", "paper"):
             for shape, tiled in ((image, False), (sino, False), (sino, True)):
                 out["sampling"] += sampling_seconds(preset, shape, gpu, None, tiled)
+    else:
+        out["train_step"].append({"preset": "paper", "batch": 16, "size": 256, "seconds_per_step": None,
+                                  "note": "no GPU: paper-preset training step not timed"})
+    if not args.skip_guidance:
+        source = ("from the data's embeddings sidecar" if args.data else
+                  "UNTRAINED tiny DuDoCLIP (random weights; stage 1 not available): not the paper's guidance")
+        steps = args.guidance_steps or (40 if args.quick else 300)
+        out["guidance"] = guidance_ab(args.data, steps, 4, source)
     out["bench_seconds"] = round(time.perf_counter() - t_start, 1)
 
     if args.json:

@@ -4,6 +4,8 @@ converted from HU to attenuation coefficient (mm^-1) and normalized in the range
 Images: mu / mu_max with mu_max the attenuation of +3072 HU (top of the 12-bit CT range; metal saturates).
 Sinograms: p / sino_max with sino_max the line integral of a +1000 HU (dense bone) path across the whole field
 of view, so every anatomy fits and only metal traces saturate (they are replaced by the prior, paper Eq. 10).
+Residuals (paper Eq. 16, the residual-domain IR-SDE): 0.5 + Δμ / (2 mu_max) for a difference Δμ of two images,
+see :meth:`Normalization.residual`.
 """
 
 from __future__ import annotations
@@ -43,6 +45,21 @@ class Normalization:
 
     def sino_to_line_integrals(self, unit):
         return unit * self.sino_max
+
+    def residual(self, dhu):
+        """A difference of two images in HU (X_p − X'_p or X_p − X_ref, paper Eq. 16) -> [0, 1].
+
+        0.5 + Δμ / (2 mu_max) with Δμ = μ_water · ΔHU / 1000 (the HU offset cancels in a difference). Why this
+        form: two images inside the image range [0, mu_max] differ by at most ±mu_max, so this maps every such
+        residual into [0, 1] without clipping, with 0 (no residual) at the mid-point 0.5 so both signs fit; and one
+        unit is 2·mu_max, the same order of attenuation per unit as the image domain, so λ = 50/255 (Eq. 6) means a
+        comparable noise level ("the residual-domain IR-SDE is set to the same parameters as the image-domain
+        IR-SDE", paper §IV-B)."""
+        return _clip01(0.5 + (hu_to_mu(dhu) - hu_to_mu(0.0)) / (2.0 * self.mu_max))
+
+    def residual_to_hu(self, unit):
+        """Inverse of :meth:`residual`: [0, 1] -> a difference in HU."""
+        return mu_to_hu((unit - 0.5) * 2.0 * self.mu_max + hu_to_mu(0.0))
 
 
 def _clip01(x):

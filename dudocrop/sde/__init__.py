@@ -12,6 +12,16 @@ from dudocrop.sde.config import (
     get_unet_config,
 )
 from dudocrop.sde.irsde import IRSDE, cosine_thetas
+from dudocrop.sde.train import (
+    TRAIN_PRESETS,
+    SDEModel,
+    SDETrainConfig,
+    get_train_config,
+    load_sde_model,
+    save_sde_model,
+    sde_train_step,
+    validate,
+)
 from dudocrop.sde.unet import ConditionalUNet, build_unet, count_parameters
 
 __all__ = [
@@ -19,13 +29,21 @@ __all__ = [
     "PAPER_LAMBDA_255",
     "PAPER_T",
     "SDE_PRESETS",
+    "TRAIN_PRESETS",
     "UNET_PRESETS",
     "ConditionalUNet",
     "SDEConfig",
+    "SDEModel",
+    "SDETrainConfig",
     "UNetConfig",
     "build_unet",
     "cosine_thetas",
     "count_parameters",
     "get_sde_config",
+    "get_train_config",
+    "load_sde_model",
+    "save_sde_model",
+    "sde_train_step",
     "get_unet_config",
+    "validate",
 ]
