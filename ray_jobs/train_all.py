@@ -82,12 +82,12 @@ def stage_argv(p: RunPreset, out: str, root: str | None) -> dict[str, list[str]]
             "--simulation", p.simulation]
     if root:
         prep += ["--root", root]
-    sde = ["--data", data, "--out", models, "--preset", p.sde_preset, "--runs", f"{out}/runs", *res]
+    sde = ["--data", data, "--out", models, "--preset", p.sde_preset, *res]
     argv = {
         "prepare": prep,
         "caption": ["--data", data, "--engine", p.caption_engine],
-        "clip": ["--data", data, "--out", models, "--preset", p.clip_preset, "--runs", f"{out}/runs", *res,
-                 *sets(p.clip_set)],
+        "clip": ["--data", data, "--out", models, "--preset", p.clip_preset, "--storage", f"{models}/ray_train",
+                 *res, *sets(p.clip_set)],
         "embed": ["--data", data, "--model", f"{models}/dudoclip.pt"],
         "sde_image": [*sde, "--domain", "image", *sets(p.image_set)],
         "sde_sinogram": [*sde, "--domain", "sinogram", *sets(p.sinogram_set)],
@@ -211,7 +211,8 @@ def _run_stage(stage: str, argv: list[str], tracking: Tracking) -> tuple[float, 
     extra = ["--mlflow-uri", tracking.uri, "--mlflow-run-id", run_id] if stage in (
         "clip", "sde_image", "sde_sinogram", "sde_residual") else []
     t0 = time.time()
-    result = job.run(job.parse_args(argv + extra))
+    a = job.parse_args(argv + extra)
+    result = job.run_args(a) if hasattr(job, "run_args") else job.run(a)
     dt = time.time() - t0
     return dt, (result if isinstance(result, dict) else None), run_id
 

@@ -206,12 +206,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
-def main(argv=None) -> int:
-    a = parse_args(argv)
+def run_args(a: argparse.Namespace) -> dict:
+    """:func:`run` from parsed command-line options (what ``train_all`` and :func:`main` call)."""
     uri = a.mlflow_uri or (common.mlflow_uri(a.out) if a.mlflow_run_id else None)
-    s = run(a.data, a.out, a.domain, a.preset, workers=a.workers, use_gpu=a.gpu, cpus_per_worker=a.cpus_per_worker,
-            max_failures=a.max_failures, use_embeddings=False if a.no_embeddings else None, overrides=a.overrides,
-            mlflow_uri=uri, mlflow_run_id=a.mlflow_run_id, address=a.address)
+    return run(a.data, a.out, a.domain, a.preset, workers=a.workers, use_gpu=a.gpu, cpus_per_worker=a.cpus_per_worker,
+               max_failures=a.max_failures, use_embeddings=False if a.no_embeddings else None, overrides=a.overrides,
+               mlflow_uri=uri, mlflow_run_id=a.mlflow_run_id, address=a.address)
+
+
+def main(argv=None) -> int:
+    s = run_args(parse_args(argv))
     brief = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items() if k != "config"}
     print("train_sde: " + json.dumps(brief), flush=True)
     return 0
