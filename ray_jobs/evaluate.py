@@ -15,13 +15,13 @@ sweeps) only with the AlexNet backbone on disk — otherwise reported as unavail
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
 import numpy as np
 import torch
 
+from dudocrop.atomic import write_json
 from dudocrop.classic.li import li
 from dudocrop.classic.nmar import nmar
 from dudocrop.eval.report import PANEL_LEGEND, comparison_panel, score_rows, summarize, write_tables
@@ -140,9 +140,7 @@ def run(a: argparse.Namespace) -> dict:
     if pi is not None:
         pi = {(ds, LABELS.get(m, m)): v for (ds, m), v in pi.items()}
     paths = write_tables(rows, a.out, stem="report", pi=pi, title="DuDoCROP evaluation", notes=notes)
-    with open(os.path.join(a.out, "rows.json.tmp"), "w") as f:
-        json.dump(rows, f, indent=1)
-    os.replace(os.path.join(a.out, "rows.json.tmp"), os.path.join(a.out, "rows.json"))
+    write_json(os.path.join(a.out, "rows.json"), rows)
     outs, ref, mask = first
     for fig, cols in (("fig9_methods.png", FIG9), ("fig13_modules.png", FIG13)):
         keep = {PANEL_TITLES[c]: outs[c] for c in cols if c in outs}

@@ -22,6 +22,7 @@ import threading
 import time
 from dataclasses import asdict, fields
 
+from dudocrop.atomic import write_json
 from dudocrop.config import RUN_PRESETS, RunPreset, get_run_preset
 from ray_jobs import common
 
@@ -127,12 +128,7 @@ def _done(out: str, stage: str, fp: str) -> bool:
 
 
 def _write_marker(out: str, stage: str, record: dict) -> None:
-    path = _marker(out, stage)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
+    write_json(_marker(out, stage), record, default=str)
 
 
 # ---- MLflow -----------------------------------------------------------------------------------------------------
@@ -165,9 +161,7 @@ class Tracking:
             parent = run.info.run_id
             for k, v in asdict(preset).items():
                 self.client.log_param(parent, k, str(v)[:6000])
-            with open(id_file + ".tmp", "w") as f:
-                json.dump({"run_id": parent, "tracking_uri": self.uri}, f)
-            os.replace(id_file + ".tmp", id_file)
+            write_json(id_file, {"run_id": parent, "tracking_uri": self.uri})
         self.parent = parent
 
     def child(self, stage: str, argv: list[str]) -> str:

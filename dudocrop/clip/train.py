@@ -29,7 +29,6 @@ import contextlib
 import dataclasses
 import hashlib
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -37,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dudocrop.atomic import torch_save
 from dudocrop.captions.captioning import FIELDS
 from dudocrop.clip.config import DOMAINS, DuDoCLIPConfig
 from dudocrop.clip.loss import LossTerms, TextTargets, dudoclip_loss, text_ids
@@ -106,17 +106,7 @@ def save_dudoclip(path: str, model: DuDoCLIP, meta: Mapping[str, Any] | None = N
     blob = {"format": FILE_FORMAT, "config": dataclasses.asdict(model.config),
             "trainable": {k: v.detach().cpu().clone() for k, v in model.trainable_state_dict().items()},
             "meta": meta}
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-dudoclip-", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(blob, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    torch_save(path, blob)
     return path
 
 

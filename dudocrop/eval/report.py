@@ -21,7 +21,6 @@ import csv
 import io
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dudocrop.atomic import write_text
 from dudocrop.metrics.image import CT_RANGE_HU, DISPLAY_WINDOW_HU, ERROR_WINDOW_HU, image_metrics, psnr, ssim
 from dudocrop.metrics.perceptual import LPIPS_SCALE
 from dudocrop.viz import save_panel
@@ -275,18 +275,6 @@ def format_csv(summary: Sequence[SummaryRow]) -> str:
     return buf.getvalue()
 
 
-def _atomic_write_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def write_tables(rows: Sequence[Mapping], out_dir: str | os.PathLike, stem: str = "evaluation",
@@ -299,8 +287,8 @@ def write_tables(rows: Sequence[Mapping], out_dir: str | os.PathLike, stem: str 
         raise ValueError(f"stem must be a non-empty file name without folders, got {stem!r}")
     summary = summarize(rows, pi)
     d = Path(out_dir)
-    return {"markdown": _atomic_write_text(d / f"{stem}.md", format_markdown(summary, title, notes)),
-            "csv": _atomic_write_text(d / f"{stem}.csv", format_csv(summary))}
+    return {"markdown": write_text(d / f"{stem}.md", format_markdown(summary, title, notes)),
+            "csv": write_text(d / f"{stem}.csv", format_csv(summary))}
 
 
 # ---- comparison panel (Figs. 9 and 13) -----------------------------------------------------------------

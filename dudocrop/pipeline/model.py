@@ -18,6 +18,7 @@ from typing import Literal
 
 import torch
 
+from dudocrop.atomic import write_json
 from dudocrop.checks import check_tensor
 from dudocrop.ct.geometry import FanBeamGeometry, get_geometry
 from dudocrop.ct.operators import FanBeamOperator
@@ -269,12 +270,8 @@ def pipeline_config_from_dict(d: dict) -> PipelineConfig:
 def save_pipeline_meta(folder: str, geometry: FanBeamGeometry | str,
                        config: PipelineConfig = PipelineConfig()) -> str:
     """Write ``pipeline.json`` (geometry and inference settings) next to the model files, atomically."""
-    os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, PIPELINE_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"geometry": get_geometry(geometry).name, "pipeline": asdict(config)}, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    write_json(path, {"geometry": get_geometry(geometry).name, "pipeline": asdict(config)})
     return path
 
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 import copy
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 from torch import nn
+
+from dudocrop.atomic import torch_save
 
 STATE_FILE = "state.pt"
 
@@ -83,17 +84,8 @@ def step_rng(seed: int, step: int, rank: int = 0, stream: int = 0) -> np.random.
 
 def save_state(directory: str, state: Mapping) -> str:
     """``torch.save`` the state into ``directory/state.pt`` atomically (temp file + os.replace)."""
-    os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, STATE_FILE)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-state-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(dict(state), f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    torch_save(path, dict(state))
     return path
 
 
