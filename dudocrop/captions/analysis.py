@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from dudocrop.ct import phantoms
 from dudocrop.ct.geometry import FanBeamGeometry, get_geometry
 
 BODY_HU = -500.0
@@ -105,12 +106,8 @@ def world_grid(geometry: FanBeamGeometry) -> tuple[np.ndarray, np.ndarray]:
 
 
 def body_mask(hu: np.ndarray) -> np.ndarray:
-    """The largest connected region above -500 HU, holes (lungs, bowel gas) filled."""
-    lab, n = ndimage.label(hu > BODY_HU)
-    if n == 0:
-        return np.zeros(hu.shape, bool)
-    sizes = ndimage.sum_labels(np.ones_like(lab), lab, index=np.arange(1, n + 1))
-    return ndimage.binary_fill_holes(lab == int(np.argmax(sizes)) + 1)
+    """The patient at the captioner's threshold (-500 HU): ``dudocrop.ct.phantoms.body_mask``."""
+    return phantoms.body_mask(hu, BODY_HU)
 
 
 def analyse_anatomy(hu: np.ndarray, geometry: FanBeamGeometry | str, anatomy_hint: str | None = None,
