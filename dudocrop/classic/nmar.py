@@ -11,6 +11,11 @@
    interpolated across the metal trace (the same routine as LI, :func:`classic.li.interpolate_trace`), and
    multiplied back. Dividing by the prior flattens the sinogram where the prior explains it (bone edges,
    the body outline), so the interpolation only has to bridge the small residual, not the bone's own structure.
+   Safeguard (not in the paper): where the prior explains less than 1 / ``MAX_QUOTIENT`` of a measured ray
+   next to the trace (metal at the body's edge, where the LI image segments tissue as air, so FP(prior) ~ 0
+   while the measurement is not), the quotient there is meaningless and, interpolated into rays where the prior
+   is large, would multiply up to thousands of HU. Such rays get quotient 1, and the interpolated share of them
+   across the trace blends the result towards LI, so NMAR falls back to LI exactly where its prior fails.
 5. FBP, then the metal pixels are reinserted from X_ma.
 """
 
@@ -24,12 +29,14 @@ from dudocrop.ct.geometry import FanBeamGeometry
 from dudocrop.ct.operators import FanBeamOperator
 from dudocrop.ct.units import MU_WATER, hu_to_mu, mu_to_hu
 
-__all__ = ["BONE_MIN_HU", "PRIOR_EPS", "kmeans_thresholds", "nmar", "nmar_prior"]
+__all__ = ["BONE_MIN_HU", "MAX_QUOTIENT", "PRIOR_EPS", "kmeans_thresholds", "nmar", "nmar_prior"]
 
 #: REFERENCE §3: the bone class starts at +200 HU at the lowest (1.2 mu_water in the public code).
 BONE_MIN_HU = 200.0
 #: REFERENCE §3: p_prior = max(FP(prior), 0) + 1e-6 keeps the normalisation finite on air rays.
 PRIOR_EPS = 1e-6
+#: a trace neighbour whose quotient Y / p_prior exceeds this has a prior that misses the tissue (see step 4)
+MAX_QUOTIENT = 2.0
 #: Meyer 2010 / public code: 5 x 5 Gaussian, sigma = 1 pixel.
 SMOOTH_SIZE, SMOOTH_SIGMA = 5, 1.0
 #: k-means starts: air, water, twice water (0, mu_w, 2 mu_w), in HU.
@@ -100,7 +107,11 @@ def nmar(Y_ma, metal_mask, X_ma, op: FanBeamOperator | FanBeamGeometry | str, *,
     x_li = mu_to_hu(op.fbp(interpolate_trace(y, tr), filter=filter, cutoff=cutoff))
     prior = nmar_prior(x_li, metal)
     p_prior = op.fp(prior).clamp(min=0) + PRIOR_EPS
-    y_nmar = interpolate_trace(y / p_prior, tr) * p_prior
+    q = y / p_prior
+    reliable = q <= MAX_QUOTIENT
+    y_norm = interpolate_trace(torch.where(reliable, q, torch.ones_like(q)), tr) * p_prior
+    w = interpolate_trace(reliable.to(y.dtype), tr)  # 1 where both trace ends have a usable prior
+    y_nmar = w * y_norm + (1 - w) * interpolate_trace(y, tr)
     # outside the trace the division and multiplication round-trip in floating point; keep the measurement exactly
     y_nmar = torch.where(tr, y_nmar, y)
     x = reinsert_metal(mu_to_hu(op.fbp(y_nmar, filter=filter, cutoff=cutoff)), metal, x_ma)
