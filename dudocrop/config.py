@@ -34,6 +34,8 @@ class RunPreset:
     image_set: tuple[str, ...] = ()
     sinogram_set: tuple[str, ...] = ()
     residual_set: tuple[str, ...] = ()
+    # Table V's "+ DuDoCLIP" rows: also train image / sinogram IR-SDEs without embeddings (Fig. 12 baseline)
+    guidance_ablation: bool = False
     # resources
     workers: int = 2
     cpus_per_worker: float = 1.0
@@ -63,11 +65,11 @@ RUN_PRESETS: dict[str, RunPreset] = {
     "small": RunPreset(
         name="small", geometry="small", n_patients=80, slices_per_patient=2, shard_slices=16,
         clip_set=("epochs=15",), image_set=("steps=2500",), sinogram_set=("steps=2500",),
-        residual_set=("steps=1500",), eval_slices=16, eval_steps=25,
+        residual_set=("steps=1500",), guidance_ablation=True, eval_slices=16, eval_steps=25,
     ),
     "paper": RunPreset(
         name="paper", source="aapm", geometry="aapm_body", shard_slices=32, clip_preset="paper",
-        sde_preset="paper", workers=1, gpu=True, eval_slices=864, eval_steps=None,
+        sde_preset="paper", workers=1, gpu=True, guidance_ablation=True, eval_slices=864, eval_steps=None,
     ),
 }
 

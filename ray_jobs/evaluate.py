@@ -29,7 +29,7 @@ from dudocrop.eval.sweeps import make_sweeps, sweeps_pi
 from dudocrop.metrics.image import body_mask
 from dudocrop.metrics.lpips import LPIPSMetric, LPIPSUnavailable
 from dudocrop.pipeline.ablation import ROWS, TABLE_V, ablation_outputs
-from dudocrop.pipeline.model import DuDoCROP
+from dudocrop.pipeline.model import PIPELINE_FILE, DuDoCROP, save_pipeline_meta
 from dudocrop.pipeline.osro import OSROConfig
 from dudocrop.train.rows import load_split
 
@@ -99,7 +99,11 @@ def run(a: argparse.Namespace) -> dict:
     base = model.config.osro
     cfg = OSROConfig(k=base.k if a.k is None else a.k, alpha=base.alpha if a.alpha is None else a.alpha,
                      beta=base.beta if a.beta is None else a.beta)
-    baseline = DuDoCROP.load(a.baseline_models, device=device, steps=a.steps) if a.baseline_models else None
+    baseline = None
+    if a.baseline_models:
+        if not os.path.isfile(os.path.join(a.baseline_models, PIPELINE_FILE)):
+            save_pipeline_meta(a.baseline_models, model.geometry)
+        baseline = DuDoCROP.load(a.baseline_models, device=device, steps=a.steps)
     rows_in = load_split(a.data, a.split, COLUMNS)
     n = min(a.max_slices, len(rows_in))
     dataset = a.dataset or f"{model.geometry.name}-{a.split}"

@@ -26,7 +26,12 @@ from dudocrop.atomic import write_json
 from dudocrop.config import RUN_PRESETS, RunPreset, get_run_preset
 from ray_jobs import common
 
-STAGES = ("prepare", "caption", "clip", "embed", "sde_image", "sde_sinogram", "priors", "sde_residual", "evaluate")
+STAGES = ("prepare", "caption", "clip", "embed", "sde_image", "sde_sinogram", "priors", "sde_residual",
+          "sde_image_plain", "sde_sinogram_plain", "evaluate")
+#: stages a preset may leave out (the "+ DuDoCLIP" ablation models, RunPreset.guidance_ablation).
+OPTIONAL = ("sde_image_plain", "sde_sinogram_plain")
+#: the model files the parent MLflow run logs under ``models/`` (so ``DuDoCROP.load("runs:/<id>/models")`` works).
+MODEL_ARTIFACTS = ("dudoclip.pt", "sde_image.pt", "sde_sinogram.pt", "sde_residual.pt", "pipeline.json")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -84,6 +89,7 @@ def stage_argv(p: RunPreset, out: str, root: str | None) -> dict[str, list[str]]
     if root:
         prep += ["--root", root]
     sde = ["--data", data, "--out", models, "--preset", p.sde_preset, *res]
+    plain = ["--data", data, "--out", f"{out}/models_plain", "--preset", p.sde_preset, "--no-embeddings", *res]
     argv = {
         "prepare": prep,
         "caption": ["--data", data, "--engine", p.caption_engine],
@@ -95,9 +101,12 @@ def stage_argv(p: RunPreset, out: str, root: str | None) -> dict[str, list[str]]
         "priors": ["--data", data, "--models", models, "--split", "train"]
                   + ([] if p.eval_steps is None else ["--steps", str(p.eval_steps)]),
         "sde_residual": [*sde, "--domain", "residual", *sets(p.residual_set)],
+        "sde_image_plain": [*plain, "--domain", "image", *sets(p.image_set)],
+        "sde_sinogram_plain": [*plain, "--domain", "sinogram", *sets(p.sinogram_set)],
         "evaluate": ["--data", data, "--models", models, "--out", f"{out}/report", "--split", p.eval_split,
                      "--max-slices", str(p.eval_slices)]
-                    + ([] if p.eval_steps is None else ["--steps", str(p.eval_steps)]),
+                    + ([] if p.eval_steps is None else ["--steps", str(p.eval_steps)])
+                    + (["--baseline-models", f"{out}/models_plain"] if p.guidance_ablation else []),
     }
     return argv
 
@@ -107,7 +116,8 @@ def _job(stage: str):
 
     name = {"prepare": "prepare_data", "caption": "caption", "clip": "train_clip", "embed": "embed",
             "sde_image": "train_sde", "sde_sinogram": "train_sde", "priors": "priors",
-            "sde_residual": "train_sde", "evaluate": "evaluate"}[stage]
+            "sde_residual": "train_sde", "sde_image_plain": "train_sde", "sde_sinogram_plain": "train_sde",
+            "evaluate": "evaluate"}[stage]
     return importlib.import_module(f"ray_jobs.{name}")
 
 
@@ -164,6 +174,13 @@ class Tracking:
             write_json(id_file, {"run_id": parent, "tracking_uri": self.uri})
         self.parent = parent
 
+    def log_models(self, folder: str) -> None:
+        """The inference files under the parent run's ``models/`` (Ray Train checkpoints stay out)."""
+        for name in MODEL_ARTIFACTS:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                self.client.log_artifact(self.parent, path, "models")
+
     def child(self, stage: str, argv: list[str]) -> str:
         run = self.client.create_run(self.exp_id, run_name=stage, tags={"mlflow.parentRunId": self.parent,
                                                                          "dudocrop.stage": stage})
@@ -192,6 +209,8 @@ def _artifacts(stage: str, out: str) -> list[str]:
         "sde_image": [f"{models}/sde_image.pt"],
         "sde_sinogram": [f"{models}/sde_sinogram.pt"],
         "sde_residual": [f"{models}/sde_residual.pt"],
+        "sde_image_plain": [f"{out}/models_plain/sde_image.pt"],
+        "sde_sinogram_plain": [f"{out}/models_plain/sde_sinogram.pt"],
         "evaluate": [f"{out}/report"],
     }.get(stage, [])
 
@@ -202,8 +221,7 @@ def _artifacts(stage: str, out: str) -> list[str]:
 def _run_stage(stage: str, argv: list[str], tracking: Tracking) -> tuple[float, dict | None, str]:
     job = _job(stage)
     run_id = tracking.child(stage, argv)
-    extra = ["--mlflow-uri", tracking.uri, "--mlflow-run-id", run_id] if stage in (
-        "clip", "sde_image", "sde_sinogram", "sde_residual") else []
+    extra = ["--mlflow-uri", tracking.uri, "--mlflow-run-id", run_id] if stage.startswith(("clip", "sde_")) else []
     t0 = time.time()
     a = job.parse_args(argv + extra)
     result = job.run_args(a) if hasattr(job, "run_args") else job.run(a)
@@ -242,7 +260,7 @@ def run(a: argparse.Namespace) -> dict:
         summary[stage] = {"status": "ran", "seconds": round(dt, 1)}
         print(f"train_all: [{stage}] done in {dt:.1f}s", flush=True)
 
-    order = [s for s in STAGES if s in wanted]
+    order = [s for s in STAGES if s in wanted and (p.guidance_ablation or s not in OPTIONAL)]
     i = 0
     while i < len(order):
         s = order[i]
@@ -268,6 +286,8 @@ def run(a: argparse.Namespace) -> dict:
             continue
         execute(s)
         i += 1
+    if any(v["status"] == "ran" for v in summary.values()):
+        tracking.log_models(os.path.join(out, "models"))
     total = time.time() - t_all
     print(f"train_all: finished in {total:.1f}s: " + ", ".join(f"{k} {v['status']}" + (
         f" {v['seconds']}s" if "seconds" in v else "") for k, v in summary.items()), flush=True)
