@@ -21,7 +21,6 @@ SMALLEST = [
 ]
 
 
-@pytest.mark.slow
 def test_train_all_runs_every_stage_then_resumes_doing_nothing(tmp_path, ray_session):
     out = tmp_path / "run"
     first = train_all.run(train_all.parse_args(["--out", str(out), *SMALLEST]))
