@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from dudocrop.atomic import atomic_open
 from dudocrop.metrics.image import CT_RANGE_HU, DISPLAY_WINDOW_HU, ERROR_WINDOW_HU, psnr, rmse, ssim
 
 __all__ = ["panel_size", "save_panel"]
@@ -211,14 +211,6 @@ def save_panel(path: str | os.PathLike, columns: Mapping[str, object], reference
         fig.text(xc / W, 1.0 - yc / H, text, color="white", ha="center", va="center", fontsize=_FONT_PT)
     canvas_agg = FigureCanvasAgg(fig)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            canvas_agg.print_png(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as f:
+        canvas_agg.print_png(f)
     return path
