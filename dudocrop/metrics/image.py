@@ -30,7 +30,6 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 
 from dudocrop.checks import check_tensor
 
@@ -203,12 +202,8 @@ def body_mask(x_hu, threshold_hu: float = BODY_THRESHOLD_HU) -> torch.Tensor:
         raise ValueError(f"x_hu must have shape (N, 1, H, W), got {tuple(x.shape)}")
     if not (isinstance(threshold_hu, int | float) and math.isfinite(threshold_hu)):
         raise ValueError(f"threshold_hu must be a finite number, got {threshold_hu!r}")
-    above = (x[:, 0] > threshold_hu).detach().cpu().numpy()
-    out = np.zeros_like(above)
-    for i, m in enumerate(above):
-        lab, n = ndimage.label(m)
-        if n == 0:
-            continue
-        sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:]
-        out[i] = ndimage.binary_fill_holes(lab == 1 + int(np.argmax(sizes)))
+    from dudocrop.ct.phantoms import body_mask as body_mask_2d
+
+    hu = x[:, 0].detach().cpu().numpy()
+    out = np.stack([body_mask_2d(h, threshold_hu) for h in hu]) if len(hu) else np.zeros(hu.shape, bool)
     return torch.from_numpy(out).unsqueeze(1).to(x.device)
