@@ -38,7 +38,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    kw = {"log_to_driver": True, "include_dashboard": False}
+    kw = {"log_to_driver": True}
     if address:
         ray.init(address=address, **kw)
     else:
