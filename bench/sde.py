@@ -13,7 +13,8 @@ CPU are extrapolated from runs with 1 and ``--measure-steps`` steps and say so (
 
 Guidance A/B (``"guidance"``): the tiny image-domain IR-SDE trained in-process (dudocrop.sde.train.fit_in_process,
 the loop the Ray job runs per worker) for ``--guidance-steps`` steps with and without embeddings, same seed, data
-and steps; held-out PSNR/SSIM (val split, full size, 10 and 100 sampler steps) next to the uncorrected input's.
+and steps; held-out PSNR/SSIM (val split, full size, the preset's ``val_steps`` = 10 sampler steps, so validation
+stays a few seconds) next to the uncorrected input's.
 Without ``--data`` it builds tiny synthetic shards and takes the embeddings from an UNTRAINED tiny DuDoCLIP (random
 weights): the output says so, and such a comparison measures the plumbing, not the value of stage 1.
 """
@@ -177,7 +178,7 @@ def guidance_ab(data: str | None, steps: int, val_slices: int, source: str) -> d
             model = sde_model_from_training(unet, ema, cfg, norm)
             row = {"train_seconds": round(train_s, 1), "loss_first_20": round(sum(losses[:20]) / 20, 5),
                    "loss_last_20": round(sum(losses[-20:]) / 20, 5)}
-            for k in (10, 100):
+            for k in (cfg.val_steps,):
                 r = validate(model, val, n=val_slices, steps=k, seed=0)
                 row[f"steps_{k}"] = {key[4:]: round(v, 4) for key, v in r.items()}
             out["runs"]["with_dudoclip" if guided else "without_dudoclip"] = row

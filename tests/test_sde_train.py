@@ -156,7 +156,7 @@ def test_resume_replays_steps_exactly(data, tmp_path):
 def test_short_training_learns(data):
     """Fast variant (≈1 min on 2 busy cores): 80 steps of the tiny guided image model; the loss falls and the
     held-out PSNR of the trained model is far above that of its own initial weights."""
-    cfg = get_train_config("tiny", steps=80)
+    cfg = get_train_config("tiny", steps=80, patch=32)  # 32² crops keep this check fast
     rows, norm, val = _rows(data, "image"), normalization_for_data(data), _rows(data, "image", "val")
     unet0, _, _, _ = build_training(cfg, context_dim=EMB_DIM)
     before = validate(sde_model_from_training(unet0, None, cfg, norm), val, n=2, steps=10)
@@ -166,32 +166,26 @@ def test_short_training_learns(data):
     assert after["val_psnr"] > before["val_psnr"] + 3.0, (before, after)
 
 
-LEARN_STEPS = 1500
-
-
-@pytest.fixture(scope="module")
-def trained(data):
-    """The tiny image and sinogram models trained in-process with random-embedding guidance (LEARN_STEPS each)."""
-    out = {}
-    for domain in ("image", "sinogram"):
-        cfg = get_train_config("tiny", domain=domain, steps=LEARN_STEPS)
-        rows, norm = _rows(data, domain), normalization_for_data(data)
-        unet, ema, losses = fit_in_process(cfg, rows, norm)
-        out[domain] = (sde_model_from_training(unet, ema, cfg, norm), losses, _rows(data, domain, "val"))
-    return out
+def _trained(data, domain):
+    """The tiny model of ``domain`` trained in-process with random-embedding guidance for the ``tiny`` preset's
+    steps (what ray_jobs/train_sde.py runs), as an SDEModel with its EMA weights, and the val rows."""
+    cfg = get_train_config("tiny", domain=domain)
+    rows, norm = _rows(data, domain), normalization_for_data(data)
+    unet, ema, _ = fit_in_process(cfg, rows, norm)
+    return sde_model_from_training(unet, ema, cfg, norm), _rows(data, domain, "val")
 
 
 @pytest.mark.slow
-def test_image_model_beats_the_uncorrected_input(trained):
-    model, _, val = trained["image"]
-    r = validate(model, val, n=4, steps=10)
+def test_image_model_beats_the_uncorrected_input(data):
+    model, val = _trained(data, "image")
+    r = validate(model, val, n=4, steps=get_train_config("tiny").val_steps)
     assert r["val_psnr"] > r["val_psnr_input"], r
 
 
 @pytest.mark.slow
-def test_sinogram_model_trace_error_below_li(trained):
-    model, _, val = trained["sinogram"]
-    r = validate(model, val, n=4, steps=10)
+def test_sinogram_model_trace_error_below_li(data):
+    model, val = _trained(data, "sinogram")
+    r = validate(model, val, n=4, steps=get_train_config("tiny").val_steps)
     assert r["val_trace_rmse"] < r["val_trace_rmse_li"] < r["val_trace_rmse_input"], r
 
 
