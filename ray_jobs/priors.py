@@ -32,7 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True)
     ap.add_argument("--models", required=True, help="folder with sde_image.pt, sde_sinogram.pt (+ dudoclip.pt)")
-    ap.add_argument("--split", default="train", help="split to process, or 'all'")
+    ap.add_argument("--split", default="train,val", help="comma-separated splits to process, or 'all' (the "
+                    "residual IR-SDE trains on train and validates on val)")
     ap.add_argument("--steps", type=int, default=None, help="reverse-diffusion steps (default: the models' T)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--gpu", action="store_true")
@@ -91,7 +92,8 @@ def run(a: argparse.Namespace) -> dict:
     if not os.path.isfile(os.path.join(a.models, PIPELINE_FILE)):
         save_pipeline_meta(a.models, get_geometry(m["geometry"]["name"]))
     fs, base = resolve(a.data)
-    shards = [s["name"] for s in m["shards"] if a.split == "all" or s["split"] == a.split]
+    splits = set(a.split.split(","))
+    shards = [s["name"] for s in m["shards"] if a.split == "all" or s["split"] in splits]
     todo = [s for s in shards
             if not _fresh(a.data, s, pq.read_table(f"{base}/{s}", filesystem=fs, columns=["case_id", "checksum"]))]
     print(f"priors: {len(shards)} shards in split {a.split}, {len(shards) - len(todo)} complete, {len(todo)} to run",

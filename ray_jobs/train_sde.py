@@ -109,7 +109,9 @@ def train_loop(config: dict) -> None:
             ckpt = done % cfg.checkpoint_every == 0 or done == cfg.steps
             if log is not None and (done % cfg.log_every == 0 or ckpt or "val_psnr" in metrics):
                 log.metrics({f"{cfg.domain}/{k}": v for k, v in metrics.items()}, done)
-            common.report(metrics, state_fn(done) if ckpt else None)
+            # every report is a sync point of all workers: only on log and checkpoint steps (the same on every rank)
+            if done % cfg.log_every == 0 or ckpt:
+                common.report(metrics, state_fn(done) if ckpt else None)
 
 
 def run(data: str, out: str, domain: str = "image", preset: str = "tiny", *, workers: int = 1,
