@@ -63,7 +63,8 @@ class FanBeamOperator:
         if b == "numba":
             out = self._numba_loop(x, self.geometry.sino_shape,
                                    lambda a, o: knb.fp_joseph(a, self._np["src"], self._np["dirs"],
-                                                              self.geometry.pixel_size, o))
+                                                              self.geometry.pixel_size, o,
+                                                              np.asarray(knb.nonzero_box(a), np.int64)))
         elif b == "torch":
             t = self._tensors(x)
             out = kt.fp_joseph(x[:, 0].to(t["src"].dtype), t["src"], t["dirs"], self.geometry.pixel_size)
