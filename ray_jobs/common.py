@@ -16,10 +16,11 @@ costs at most one checkpoint interval. Re-running a finished or interrupted job 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import ray
 import ray.train
@@ -28,6 +29,33 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from dudocrop.train.state import load_state, save_state
+
+# ---- job arguments ----------------------------------------------------------------------------------------------
+
+
+def as_namespace(args, parse_args: Callable, required: Sequence[str]) -> argparse.Namespace:
+    """A job's ``run()`` input as parsed options: a Namespace (as is), CLI words / None (parsed), or a mapping of
+    options (keys as the CLI's with ``_``) checked against the parser's options; ``required`` are the options the
+    parser needs before any other can be set."""
+    if isinstance(args, argparse.Namespace):
+        return args
+    if args is None or (isinstance(args, Sequence) and not isinstance(args, str)):
+        return parse_args(args)
+    if not isinstance(args, Mapping):
+        raise ValueError(f"run() takes an argparse.Namespace, a mapping of CLI options or a list of CLI words, got "
+                         f"{type(args).__name__}")
+    a = dict(args)
+    missing = [k for k in required if k not in a]
+    if missing:
+        raise ValueError(f"run() needs {missing}")
+    ns = parse_args([w for k in required for w in (f"--{k}", str(a[k]))])
+    for k, v in a.items():
+        k = k.replace("-", "_")
+        if not hasattr(ns, k):
+            raise ValueError(f"run(): unknown option {k!r}; options are {sorted(vars(ns))}")
+        setattr(ns, k, v)
+    return ns
+
 
 # ---- Ray ------------------------------------------------------------------------------------------------------
 

@@ -182,24 +182,9 @@ def run(args: argparse.Namespace | Mapping[str, Any] | Sequence[str] | None = No
 
 
 def _namespace(args) -> argparse.Namespace:
-    if isinstance(args, argparse.Namespace):
-        return args
-    if args is None or (isinstance(args, Sequence) and not isinstance(args, str)):
-        return parse_args(args)
-    if not isinstance(args, Mapping):
-        raise ValueError(f"run() takes an argparse.Namespace, a mapping of CLI options or CLI words, got "
-                         f"{type(args).__name__}")
-    a = dict(args)
-    missing = [k for k in ("data", "model") if k not in a]
-    if missing:
-        raise ValueError(f"run() needs {missing}")
-    ns = parse_args(["--data", str(a["data"]), "--model", str(a["model"])])
-    for k, v in a.items():
-        k = k.replace("-", "_")
-        if not hasattr(ns, k):
-            raise ValueError(f"run(): unknown option {k!r}; options are {sorted(vars(ns))}")
-        setattr(ns, k, v)
-    return ns
+    from ray_jobs import common
+
+    return common.as_namespace(args, parse_args, ("data", "model"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -119,23 +119,9 @@ def parse_sets(sets: Sequence[str] | Mapping[str, Any]) -> tuple[dict, dict]:
 
 
 def _namespace(args: argparse.Namespace | Mapping[str, Any] | Sequence[str] | None) -> argparse.Namespace:
-    if isinstance(args, argparse.Namespace):
-        return args
-    if args is None or (isinstance(args, Sequence) and not isinstance(args, str)):
-        return parse_args(args)
-    if not isinstance(args, Mapping):
-        raise ValueError(f"run() takes an argparse.Namespace, a mapping of CLI options or a list of CLI words, got "
-                         f"{type(args).__name__}")
-    a = dict(args)
-    if "data" not in a:
-        raise ValueError("run() needs 'data' (the prepared, captioned shards)")
-    ns = parse_args(["--data", str(a["data"])])
-    for k, v in a.items():
-        k = k.replace("-", "_")
-        if not hasattr(ns, k):
-            raise ValueError(f"run(): unknown option {k!r}; options are {sorted(vars(ns))}")
-        setattr(ns, k, v)
-    return ns
+    from ray_jobs import common
+
+    return common.as_namespace(args, parse_args, ("data",))
 
 
 def _check_data(data: str, domains: Sequence[str]) -> dict[str, int]:

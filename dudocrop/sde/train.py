@@ -24,7 +24,6 @@ import ast
 import dataclasses
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dudocrop.atomic import torch_save
 from dudocrop.data.loader import CropSpec, augment
 from dudocrop.data.normalize import Normalization
 from dudocrop.sde.config import SDEConfig, UNetConfig, get_sde_config, get_unet_config
@@ -433,17 +433,7 @@ def save_sde_model(path: str, unet: nn.Module, ema, meta: Mapping | None = None,
     blob = {"domain": domain, "unet_config": asdict(net.config), "sde_config": asdict(sde_config), "weights": weights,
             "normalization": None if normalization is None else asdict(normalization),
             "use_embeddings": net.config.use_embeddings, "meta": _plain(meta)}
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-sde-", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(blob, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    torch_save(path, blob)
     return path
 
 
