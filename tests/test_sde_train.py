@@ -195,8 +195,10 @@ def test_ray_train_resumes_after_a_killed_worker(data, tmp_path, ray_session):
 
     marker = str(tmp_path / "failed-once")
     s = train_sde.run(data, str(tmp_path / "out"), "image", "tiny", workers=2, cpus_per_worker=0.5, max_failures=2,
+                      # log_every=1: a report (and so a controller poll) every step. Ray Train registers a
+                      # checkpoint when the controller polls; a worker killed before that loses the checkpoint.
                       overrides={"steps": 8, "checkpoint_every": 3, "patch": 24, "batch_size": 4, "validate_every": 8,
-                                 "val_slices": 1, "val_steps": 2},
+                                 "val_slices": 1, "val_steps": 2, "log_every": 1},
                       extra_config={"fail_at_step": 5, "fail_marker": marker, "fail_rank": 1})
     assert os.path.exists(marker)  # the worker of rank 1 died at step 5 ...
     assert s["steps"] == 8 and s["resumed_from"] == 3  # ... and the run went on from the step-3 checkpoint
