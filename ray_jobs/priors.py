@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import torch
 
 from dudocrop.ct.geometry import get_geometry
+from dudocrop.data.schema import tensor_column
 from dudocrop.data.shards import read_manifest, resolve
 from dudocrop.data.sidecar import read_sidecar, write_sidecar
 from dudocrop.pipeline.model import PIPELINE_FILE, DuDoCROP, check_model_folder, osro_region, save_pipeline_meta
@@ -69,13 +70,9 @@ def shard_priors(data: str, models: str, shard: str, steps: int | None, batch_si
         xp.append(model.norm.image_to_hu(res.X_p)[:, 0].cpu().numpy())
         xpp.append(model.norm.image_to_hu(res.X_p_prime)[:, 0].cpu().numpy())
     typ = pa.fixed_shape_tensor(pa.float32(), list(g.image_shape))
-
-    def tensor(arrs):
-        flat = np.concatenate(arrs).astype(np.float32)
-        storage = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), int(np.prod(g.image_shape)))
-        return pa.ExtensionArray.from_storage(typ, storage)
-
-    side = pa.table({"case_id": t["case_id"], "checksum": t["checksum"], "X_p": tensor(xp), "X_p_prime": tensor(xpp)})
+    side = pa.table({"case_id": t["case_id"], "checksum": t["checksum"],
+                     "X_p": tensor_column(list(np.concatenate(xp)), typ),
+                     "X_p_prime": tensor_column(list(np.concatenate(xpp)), typ)})
     write_sidecar(data, KIND, shard, side)
     return t.num_rows
 

@@ -153,13 +153,14 @@ def records_to_table(records: list[Mapping], geometry: FanBeamGeometry | str) ->
     for field in schema:
         name = field.name
         if name in ARRAY_FIELDS:
-            cols[name] = _tensor_column([r[name] for r in rows], field.type)
+            cols[name] = tensor_column([r[name] for r in rows], field.type)
         else:
             cols[name] = pa.array([r[name] for r in rows], type=field.type)
     return pa.Table.from_pydict(cols, schema=schema)
 
 
-def _tensor_column(arrays: list, typ: pa.FixedShapeTensorType) -> pa.ExtensionArray:
+def tensor_column(arrays: list, typ: pa.FixedShapeTensorType) -> pa.ExtensionArray:
+    """A fixed-shape tensor column from arrays of ``typ``'s shape (None: an absent array, stored as NaN)."""
     size = int(np.prod(typ.shape))
     flat = np.concatenate([np.full(size, np.nan, np.float32) if a is None else a.reshape(-1) for a in arrays])
     storage = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), size)
