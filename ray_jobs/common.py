@@ -9,8 +9,8 @@ A stage's train loop (a function of one ``config`` dict, run on every worker) us
     maybe_fail(config, step)                # fault injection for the tests (a worker dies abruptly once)
 
 and the driver calls :func:`fit`. Ray Train V2 restarts the worker group after a failure
-(``FailureConfig(max_failures)``) and ``get_checkpoint()`` then returns the latest checkpoint, so a killed worker
-costs at most one checkpoint interval. Re-running a finished or interrupted job with the same ``name`` and
+(``FailureConfig(max_failures)``) and :func:`resume` then returns the newest checkpoint written, so a killed
+worker costs at most one checkpoint interval. Re-running a finished or interrupted job with the same ``name`` and
 ``storage_path`` resumes the same way.
 """
 
@@ -136,12 +136,46 @@ def worker() -> tuple[int, int, torch.device]:
 
 
 def resume() -> dict | None:
-    """The state dict of the latest checkpoint of this run (after a restart or a re-run), or None."""
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
+    """The state dict of the newest complete checkpoint of this run (after a restart or a re-run), or None.
+
+    Ray Train V2 registers a reported checkpoint only when its controller next polls the workers, although the
+    report has already written it to storage; a worker killed in between would restart from the checkpoint
+    BEFORE it and lose a second interval. So the persisted ``checkpoint_*`` folders newer than the registered one
+    are considered too, newest first; one that does not load (cut short by the kill) is skipped. The newest
+    complete state by ``step`` wins."""
+    registered = ray.train.get_checkpoint()
+    best = _load_checkpoint(registered) if registered is not None else None
+    for ckpt in _newer_persisted(registered):
+        state = _load_checkpoint(ckpt, missing_ok=True)
+        if state is not None and (best is None or int(state.get("step", -1)) > int(best.get("step", -1))):
+            return state
+    return best
+
+
+def _load_checkpoint(ckpt: Checkpoint, missing_ok: bool = False) -> dict | None:
+    try:
+        with ckpt.as_directory() as d:
+            return load_state(d)
+    except Exception:  # a folder cut short by the kill: no state.pt, or a truncated one
+        if not missing_ok:
+            raise
         return None
-    with ckpt.as_directory() as d:
-        return load_state(d)
+
+
+def _newer_persisted(registered: Checkpoint | None) -> list[Checkpoint]:
+    """The run's ``checkpoint_<timestamp>`` folders on its storage newer than ``registered``, newest first."""
+    import pyarrow.fs as pafs
+
+    try:
+        storage = ray.train.get_context().get_storage()
+        fs, root = storage.storage_filesystem, storage.experiment_fs_path
+        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except (AttributeError, NotImplementedError, OSError):
+        return []
+    after = os.path.basename(registered.path.rstrip("/")) if registered is not None else ""
+    names = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory
+                    and i.base_name.startswith("checkpoint_") and i.base_name > after), reverse=True)
+    return [Checkpoint(path=f"{root.rstrip('/')}/{n}", filesystem=fs) for n in names]
 
 
 def report(metrics: Mapping[str, float], state: Callable[[], Mapping] | None = None) -> None:

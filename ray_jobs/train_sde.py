@@ -99,7 +99,6 @@ def train_loop(config: dict) -> None:
         for step in range(start, cfg.steps):
             m = train_step(model, ema, opt, sde, rows, cfg, norm, step, rank, world)
             done = step + 1
-            common.maybe_fail(config, done)
             seen += 1
             metrics = {"step": done, "loss": m["loss"], "lr": m["lr"], "resumed_from": start,
                        "seconds_per_step": (time.perf_counter() - t0) / seen}
@@ -112,6 +111,8 @@ def train_loop(config: dict) -> None:
             # every report is a sync point of all workers: only on log and checkpoint steps (the same on every rank)
             if done % cfg.log_every == 0 or ckpt:
                 common.report(metrics, state_fn(done) if ckpt else None)
+            # after the report: a worker killed right after writing a checkpoint is the case resume() must cover
+            common.maybe_fail(config, done)
 
 
 def run(data: str, out: str, domain: str = "image", preset: str = "tiny", *, workers: int = 1,

@@ -28,6 +28,7 @@ from dudocrop.data.clinical import METAL_THRESHOLD_HU
 from dudocrop.data.normalize import Normalization
 from dudocrop.metrics.image import body_mask
 from dudocrop.pipeline.osro import OSROConfig, OSROResult, fuse, osro, sinogram_prior
+from dudocrop.sde.train import sinogram_mu
 
 #: file names inside a model folder (what train_all writes and the MLflow run logs under ``models/``).
 MODEL_FILES = {"clip": "dudoclip.pt", "image": "sde_image.pt", "sinogram": "sde_sinogram.pt",
@@ -214,7 +215,10 @@ class DuDoCROP:
         emb = self.embeddings(x_ma_hu, y_ma)
         dom = self.config.domains
         x_prior = self._sample("image", self.norm.image(x_ma_hu), emb.get("image"), 1) if dom != "sinogram" else None
-        y_prior = self._sample("sinogram", self.norm.sino(y_ma), emb.get("sinogram"), 2) if dom != "image" else None
+        y_prior = None
+        if dom != "image":  # μ as the sinogram model was trained: Y_ma or its LI completion (SINOGRAM_MU)
+            y_mu = sinogram_mu(y_ma, trace, self.models["sinogram"].sinogram_mu)
+            y_prior = self._sample("sinogram", self.norm.sino(y_mu), emb.get("sinogram"), 2)
         return x_prior, y_prior
 
     # -- Algorithm 2 -----------------------------------------------------------------------------------------------
