@@ -219,6 +219,7 @@ def test_image_model_beats_the_uncorrected_input(data):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # ≈8 min alone on 2 cores, much more when they are shared
 def test_sinogram_model_trace_error_below_li(data):
     """The tiny preset's sinogram model (μ = LI completion of Y_ma, SINOGRAM_MU) with 1500 steps (≈8 min on 2
     cores): it reaches LI's trace error near 1200 steps (measured 0.267 vs LI 0.270 at 1500)."""

@@ -53,6 +53,56 @@ def test_train_all_runs_every_stage_then_resumes_doing_nothing(tmp_path, ray_ses
     assert marker["argv"] and os.path.isabs(marker["argv"][1])
 
 
+def _kill_a_train_worker_after_a_checkpoint(run_dir, killed: dict, timeout: float = 600.0) -> None:
+    """Watcher: once the Ray Train run in ``run_dir`` has written a checkpoint, SIGKILL one RayTrainWorker process
+    and record the newest checkpointed step at that moment (``killed["step"]``)."""
+    import glob
+    import signal
+
+    import psutil
+    import torch
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        steps = []
+        for d in glob.glob(os.path.join(run_dir, "checkpoint_*")):
+            try:
+                steps.append(int(torch.load(os.path.join(d, "state.pt"), weights_only=False)["step"]))
+            except Exception:  # noqa: BLE001 - a checkpoint still being written
+                pass
+        if steps:
+            for proc in psutil.process_iter(["pid", "cmdline"]):
+                if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+                    killed["step"] = max(steps)
+                    os.kill(proc.info["pid"], signal.SIGKILL)
+                    return
+        time.sleep(0.2)
+
+
+def test_a_killed_worker_in_stage_2_costs_at_most_one_checkpoint_interval(tmp_path, ray_session):
+    """A RayTrainWorker process SIGKILLed during sde_image (from outside, as a node failure would): the stage
+    restarts its worker group from the newest checkpoint written before the kill and finishes all its steps."""
+    import threading
+
+    out = tmp_path / "run"
+    steps, every = 40, 5
+    argv = ["--out", str(out), *SMALLEST, "--stages", "prepare,caption,clip,embed,sde_image", "--set",
+            f'image_set=["steps={steps}", "batch_size=4", "patch=32", "checkpoint_every={every}", '
+            f'"log_every={every}", "validate_every=0"]']
+    killed: dict = {}
+    watcher = threading.Thread(target=_kill_a_train_worker_after_a_checkpoint,
+                               args=(str(out / "models" / "ray_train" / "sde_image"), killed), daemon=True)
+    watcher.start()
+    train_all.run(train_all.parse_args(argv))
+    watcher.join(timeout=5)
+    assert "step" in killed, "no RayTrainWorker was killed: the stage ended before its first checkpoint"
+    result = json.loads((out / "stages" / "sde_image.json").read_text())["result"]
+    assert result["steps"] == steps
+    # the restart began at (or after) the newest checkpoint on disk when the worker died: at most the steps since
+    # that checkpoint, fewer than one interval, were done twice
+    assert killed["step"] <= result["resumed_from"] < steps, (killed, result["resumed_from"])
+
+
 def test_bad_overrides_name_the_field(tmp_path):
     with pytest.raises(SystemExit, match="n_patient"):
         train_all.run(train_all.parse_args(["--out", str(tmp_path), "--set", "n_patient=3"]))
