@@ -141,15 +141,14 @@ def resume() -> dict | None:
     Ray Train V2 registers a reported checkpoint only when its controller next polls the workers, although the
     report has already written it to storage; a worker killed in between would restart from the checkpoint
     BEFORE it and lose a second interval. So the persisted ``checkpoint_*`` folders newer than the registered one
-    are considered too, newest first; one that does not load (cut short by the kill) is skipped. The newest
-    complete state by ``step`` wins."""
+    are considered too, newest first; one that does not load (cut short by the kill) is skipped. The first that
+    loads wins, so the registered one is read only when nothing newer is complete."""
     registered = ray.train.get_checkpoint()
-    best = _load_checkpoint(registered) if registered is not None else None
     for ckpt in _newer_persisted(registered):
         state = _load_checkpoint(ckpt, missing_ok=True)
-        if state is not None and (best is None or int(state.get("step", -1)) > int(best.get("step", -1))):
+        if state is not None:
             return state
-    return best
+    return _load_checkpoint(registered) if registered is not None else None
 
 
 def _load_checkpoint(ckpt: Checkpoint, missing_ok: bool = False) -> dict | None:

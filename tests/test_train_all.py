@@ -60,14 +60,15 @@ def _kill_a_train_worker_after_a_checkpoint(run_dir, killed: dict, timeout: floa
     import signal
 
     import psutil
-    import torch
+
+    from dudocrop.train.state import load_state
 
     t0 = time.time()
     while time.time() - t0 < timeout:
         steps = []
         for d in glob.glob(os.path.join(run_dir, "checkpoint_*")):
             try:
-                steps.append(int(torch.load(os.path.join(d, "state.pt"), weights_only=False)["step"]))
+                steps.append(int(load_state(d)["step"]))
             except Exception:  # noqa: BLE001 - a checkpoint still being written
                 pass
         if steps:

@@ -253,7 +253,7 @@ def sinogram_mu(y_ma, trace, source: str):
 
     as_numpy = not isinstance(y_ma, torch.Tensor)
     y = torch.as_tensor(np.asarray(y_ma, dtype=np.float32) if as_numpy else y_ma)
-    t = torch.as_tensor(np.asarray(trace) if not isinstance(trace, torch.Tensor) else trace, device=y.device) > 0.5
+    t = torch.as_tensor(trace, device=y.device) > 0.5
     if t.shape != y.shape:
         raise ValueError(f"trace must have y_ma's shape {tuple(y.shape)}, got {tuple(t.shape)}")
     squeeze = y.ndim == 3
