@@ -41,10 +41,13 @@ class RunPreset:
     cpus_per_worker: float = 1.0
     gpu: bool = False
     max_failures: int = 2
-    # evaluation (ray_jobs/evaluate.py)
+    # evaluation (ray_jobs/evaluate.py); eval_steps is also what priors and fusion sample with
     eval_split: str = "test"
     eval_slices: int = 8
     eval_steps: int | None = None  # None: the models' T
+    # OSRO factors k, α, β chosen with Ray Tune on the val split (ray_jobs/tune_fusion.py); fusion_points per factor
+    fusion_split: str = "val"
+    fusion_points: int = 5
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -54,6 +57,8 @@ class RunPreset:
                 raise ValueError(f"RunPreset.{f} must be an int >= 1, got {v!r}")
         if self.eval_steps is not None and (not isinstance(self.eval_steps, int) or self.eval_steps < 1):
             raise ValueError(f"RunPreset.eval_steps must be None or an int >= 1, got {self.eval_steps!r}")
+        if not isinstance(self.fusion_points, int) or self.fusion_points < 2:
+            raise ValueError(f"RunPreset.fusion_points must be an int >= 2, got {self.fusion_points!r}")
 
 
 RUN_PRESETS: dict[str, RunPreset] = {
@@ -64,12 +69,14 @@ RUN_PRESETS: dict[str, RunPreset] = {
         sinogram_set=("steps=120", "validate_every=120"), residual_set=("steps=80", "validate_every=80"),
         eval_slices=6, eval_steps=25,
     ),
-    # sized to finish in about an hour on 2 cores: ≈0.35 s per SDE step with 2 workers, so three models of
-    # 1500 / 1500 / 800 steps take ≈25 min; the unguided ablation models (another 2 x 1500 steps) are left out
+    # sized to finish in an hour on 2 cores: ≈0.5 s per SDE step with 2 workers, so three models of 1500 / 1500 /
+    # 800 steps take ≈31 min; the unguided ablation models (another 2 x 1500 steps) are left out. 5 sampler steps:
+    # on the val split the image / sinogram priors gave 28.2 / 40.9 dB with 3 steps, 30.0 / 41.0 with 10 and
+    # 30.2 / 41.0 with 25, while sampling the training priors with 25 steps took 26 min of the hour.
     "small": RunPreset(
         name="small", geometry="small", n_patients=80, slices_per_patient=2, shard_slices=16,
         clip_set=("epochs=15",), image_set=("steps=1500",), sinogram_set=("steps=1500",),
-        residual_set=("steps=800",), guidance_ablation=False, eval_slices=16, eval_steps=25,
+        residual_set=("steps=800",), guidance_ablation=False, eval_slices=16, eval_steps=5,
     ),
     "paper": RunPreset(
         name="paper", source="aapm", geometry="aapm_body", shard_slices=32, clip_preset="paper",

@@ -63,6 +63,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def _fusion_note(record: dict | None, given: bool) -> list[str]:
+    """Where the OSRO factors came from, when ray_jobs/tune_fusion.py chose them and the command line did not."""
+    if not record or given:
+        return []
+    prev = record["previous"]
+    return [f"k, alpha, beta chosen by ray_jobs/tune_fusion.py on {record['slices']} slices of split "
+            f"'{record['split']}' ({record['trials']} trials; PSNR there {record['previous_psnr']:.2f} dB at "
+            f"k={prev['k']}, alpha={prev['alpha']}, beta={prev['beta']} -> {record['psnr']:.2f} dB)."]
+
+
 def _timed(fn, *args, **kw):
     t0 = time.perf_counter()
     out = fn(*args, **kw)
@@ -110,6 +120,7 @@ def run(a: argparse.Namespace) -> dict:
     os.makedirs(a.out, exist_ok=True)
     notes = [f"{n} slices of split '{a.split}' of {a.data}; {a.steps or 'T'} reverse-diffusion steps per prior; "
              f"OSRO k={cfg.k}, alpha={cfg.alpha}, beta={cfg.beta}.",
+             *_fusion_note(model.fusion, given=any(v is not None for v in (a.k, a.alpha, a.beta))),
              "PSNR / SSIM over the full CT range [-1024, 3072] HU, outside the metal, inside the body of the "
              "reference (dudocrop.metrics.image).", PANEL_LEGEND]
     try:

@@ -7,8 +7,10 @@
 
 Stages: prepare (shards) -> caption -> clip (stage 1, Eq. 3) -> embed -> sde_image, sde_sinogram (stage 2, Eq. 9;
 independent, concurrent when the cluster has room) -> priors (X_p, X'_p over the training split, Eq. 10-12) ->
-sde_residual (stage 3, Eq. 16) -> evaluate (Tables III-V, figures). Each stage is skipped when its marker
-``<out>/stages/<stage>.json`` records the same arguments, so a re-run resumes where the last one stopped; inside a
+sde_residual (stage 3, Eq. 16) -> fusion (k, α, β of Eq. 13-15 chosen with Ray Tune on the val split) -> evaluate
+(Tables III-V, figures). Each stage is skipped when its marker
+``<out>/stages/<stage>.json`` records the same arguments and is newer than the markers of the stages it reads
+(``DEPS``), so a re-run resumes where the last one stopped and redoes what a changed stage invalidated; inside a
 stage, training resumes from its latest Ray Train checkpoint. One MLflow parent run holds a child run per stage.
 """
 
@@ -27,7 +29,12 @@ from dudocrop.config import RUN_PRESETS, RunPreset, get_run_preset
 from ray_jobs import common
 
 STAGES = ("prepare", "caption", "clip", "embed", "sde_image", "sde_sinogram", "priors", "sde_residual",
-          "sde_image_plain", "sde_sinogram_plain", "evaluate")
+          "sde_image_plain", "sde_sinogram_plain", "fusion", "evaluate")
+#: what each stage reads: a stage whose input stage finished after it is stale and runs again (as make does).
+DEPS = {"caption": ("prepare",), "clip": ("caption",), "embed": ("clip",), "sde_image": ("embed",),
+        "sde_sinogram": ("embed",), "priors": ("sde_image", "sde_sinogram"), "sde_residual": ("priors",),
+        "sde_image_plain": ("prepare",), "sde_sinogram_plain": ("prepare",), "fusion": ("sde_residual",),
+        "evaluate": ("fusion", "sde_image_plain", "sde_sinogram_plain")}
 #: stages a preset may leave out (the "+ DuDoCLIP" ablation models, RunPreset.guidance_ablation).
 OPTIONAL = ("sde_image_plain", "sde_sinogram_plain")
 #: the model files the parent MLflow run logs under ``models/`` (so ``DuDoCROP.load("runs:/<id>/models")`` works).
@@ -103,6 +110,9 @@ def stage_argv(p: RunPreset, out: str, root: str | None) -> dict[str, list[str]]
         "sde_residual": [*sde, "--domain", "residual", *sets(p.residual_set)],
         "sde_image_plain": [*plain, "--domain", "image", *sets(p.image_set)],
         "sde_sinogram_plain": [*plain, "--domain", "sinogram", *sets(p.sinogram_set)],
+        "fusion": ["--data", data, "--models", models, "--out", f"{out}/fusion", "--split", p.fusion_split,
+                   "--max-slices", str(p.eval_slices), "--points", str(p.fusion_points)]
+                  + ([] if p.eval_steps is None else ["--steps", str(p.eval_steps)]),
         "evaluate": ["--data", data, "--models", models, "--out", f"{out}/report", "--split", p.eval_split,
                      "--max-slices", str(p.eval_slices)]
                     + ([] if p.eval_steps is None else ["--steps", str(p.eval_steps)])
@@ -117,7 +127,7 @@ def _job(stage: str):
     name = {"prepare": "prepare_data", "caption": "caption", "clip": "train_clip", "embed": "embed",
             "sde_image": "train_sde", "sde_sinogram": "train_sde", "priors": "priors",
             "sde_residual": "train_sde", "sde_image_plain": "train_sde", "sde_sinogram_plain": "train_sde",
-            "evaluate": "evaluate"}[stage]
+            "fusion": "tune_fusion", "evaluate": "evaluate"}[stage]
     return importlib.import_module(f"ray_jobs.{name}")
 
 
@@ -130,11 +140,16 @@ def _marker(out: str, stage: str) -> str:
 
 
 def _done(out: str, stage: str, fp: str) -> bool:
+    """The stage's marker records these arguments and is newer than the markers of the stages it reads."""
     try:
         with open(_marker(out, stage)) as f:
-            return json.load(f).get("fingerprint") == fp
+            if json.load(f).get("fingerprint") != fp:
+                return False
+        mine = os.path.getmtime(_marker(out, stage))
     except (OSError, ValueError):
         return False
+    ups = [_marker(out, d) for d in DEPS.get(stage, ())]
+    return all(os.path.getmtime(u) <= mine for u in ups if os.path.exists(u))
 
 
 def _write_marker(out: str, stage: str, record: dict) -> None:
@@ -211,6 +226,7 @@ def _artifacts(stage: str, out: str) -> list[str]:
         "sde_residual": [f"{models}/sde_residual.pt"],
         "sde_image_plain": [f"{out}/models_plain/sde_image.pt"],
         "sde_sinogram_plain": [f"{out}/models_plain/sde_sinogram.pt"],
+        "fusion": [f"{out}/fusion/fusion.json", f"{out}/fusion/trials.csv", f"{models}/pipeline.json"],
         "evaluate": [f"{out}/report"],
     }.get(stage, [])
 

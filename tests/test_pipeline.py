@@ -132,3 +132,25 @@ def test_guided_models_need_clip_and_inputs_are_checked(case):
         pipe(case.sim.X_ma, torch.zeros(2, 1, 10, 10))
     with pytest.raises(ValueError, match="domains"):
         PipelineConfig(domains="triple")
+
+
+def test_fusion_cache_scores_like_refuse_and_picks_the_better_prior(case, tmp_path):
+    """FusionCache re-fuses exactly as DuDoCROP.refuse does, survives a save / load, and on a grid picks the
+    factors that favour the exact sinogram prior over an image prior that keeps half of the streaks."""
+    from dudocrop.eval.fusion import FusionCache
+
+    pipe, models = _oracle_pipeline(case, steps=5)
+    sim = case.sim
+    models["image"].unet.x0 = pipe.norm.image(sim.X_ref + 0.5 * (sim.X_ma - sim.X_ref) * (sim.metal_mask == 0))
+    models["residual"].unet.x0 = residual_from_unit(torch.zeros_like(sim.X_ref))  # ε3 ≈ 0: k does nothing
+    cache = FusionCache.build(pipe, sim.X_ma, sim.Y_ma, sim.metal_mask, sim.metal_trace, sim.X_ref, ["a", "b"])
+    cfg = OSROConfig(k=0.3, alpha=0.6, beta=0.4)
+    out = pipe(sim.X_ma, sim.Y_ma, metal_mask=sim.metal_mask, trace=sim.metal_trace, return_priors=True)
+    torch.testing.assert_close(cache.output_hu(cfg), pipe.refuse(out.priors, sim.X_ma, sim.metal_mask, cfg))
+    cache.save(str(tmp_path / "priors.pt"))
+    again = FusionCache.load(str(tmp_path / "priors.pt"))
+    assert again.score(cfg) == cache.score(cfg)
+    grid = [{"k": 0.5, "alpha": a, "beta": b} for a in (0.0, 0.5, 1.0) for b in (0.0, 0.5, 1.0)]
+    best, scores = cache.best(OSROConfig(), grid)
+    assert (best.alpha, best.beta) == (0.0, 1.0)
+    assert scores["psnr"] > cache.score(OSROConfig(alpha=0.5, beta=0.5))["psnr"] + 3

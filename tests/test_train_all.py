@@ -14,6 +14,7 @@ from ray_jobs import train_all
 #: the smallest run that still exercises every stage: 16 synthetic 64² slices, a few optimiser steps per stage.
 SMALLEST = [
     "--set", "n_patients=8", "--set", "eval_slices=2", "--set", "eval_steps=2", "--set", "workers=1",
+    "--set", "fusion_points=3",
     "--set", 'clip_set=["epochs=1", "batch_size=8", "checkpoint_every=2", "eval_every=2"]',
     "--set", 'image_set=["steps=4", "batch_size=4", "checkpoint_every=2", "validate_every=0"]',
     "--set", 'sinogram_set=["steps=4", "batch_size=4", "checkpoint_every=2", "validate_every=0"]',
@@ -51,6 +52,17 @@ def test_train_all_runs_every_stage_then_resumes_doing_nothing(tmp_path, ray_ses
     assert second["mlflow_run_id"] == first["mlflow_run_id"]
     marker = json.loads((out / "stages" / "evaluate.json").read_text())
     assert marker["argv"] and os.path.isabs(marker["argv"][1])
+
+    # the fusion stage chose k, alpha, beta with Ray Tune on the val split and the report says so
+    meta = json.loads((out / "models" / "pipeline.json").read_text())
+    assert meta["fusion"]["split"] == "val" and meta["fusion"]["trials"] == 27
+    assert {meta["pipeline"]["osro"][f] for f in ("k", "alpha", "beta")} <= {0.0, 0.5, 1.0}
+    assert meta["fusion"]["psnr"] >= meta["fusion"]["previous_psnr"] - 1e-6  # the grid holds the old factors
+    assert "chosen by ray_jobs/tune_fusion.py" in report
+
+    # a re-run stage invalidates what reads it, and only that
+    third = train_all.run(train_all.parse_args(["--out", str(out), "--force", "sde_residual", *SMALLEST]))
+    assert [s for s, v in third["stages"].items() if v["status"] == "ran"] == ["sde_residual", "fusion", "evaluate"]
 
 
 def _kill_a_train_worker_after_a_checkpoint(run_dir, killed: dict, timeout: float = 600.0) -> None:

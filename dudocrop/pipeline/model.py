@@ -120,6 +120,7 @@ class DuDoCROP:
         if needs_clip and clip is None:
             raise ValueError("the image/sinogram IR-SDEs were trained with DuDoCLIP guidance: pass clip=")
         self.clip = clip
+        self.fusion: dict | None = None  # how the OSRO factors were chosen (pipeline.json, ray_jobs/tune_fusion.py)
         self.to(self.device)
 
     # -- loading ---------------------------------------------------------------------------------------------------
@@ -144,7 +145,9 @@ class DuDoCROP:
         cfg = config or pipeline_config_from_dict(meta.get("pipeline", {}))
         if overrides:
             cfg = replace(cfg, **overrides)
-        return cls(meta["geometry"], loaded["image"], loaded["sinogram"], loaded["residual"], clip, cfg, device)
+        model = cls(meta["geometry"], loaded["image"], loaded["sinogram"], loaded["residual"], clip, cfg, device)
+        model.fusion = meta.get("fusion")
+        return model
 
     def to(self, device: str | torch.device) -> DuDoCROP:
         self.device = torch.device(device)
@@ -272,10 +275,14 @@ def pipeline_config_from_dict(d: dict) -> PipelineConfig:
 
 
 def save_pipeline_meta(folder: str, geometry: FanBeamGeometry | str,
-                       config: PipelineConfig = PipelineConfig()) -> str:
-    """Write ``pipeline.json`` (geometry and inference settings) next to the model files, atomically."""
+                       config: PipelineConfig = PipelineConfig(), fusion: dict | None = None) -> str:
+    """Write ``pipeline.json`` (geometry and inference settings) next to the model files, atomically; ``fusion``
+    records how the OSRO factors were chosen (ray_jobs/tune_fusion.py)."""
     path = os.path.join(folder, PIPELINE_FILE)
-    write_json(path, {"geometry": get_geometry(geometry).name, "pipeline": asdict(config)})
+    meta = {"geometry": get_geometry(geometry).name, "pipeline": asdict(config)}
+    if fusion is not None:
+        meta["fusion"] = fusion
+    write_json(path, meta)
     return path
 
 

@@ -1,0 +1,85 @@
+"""Choosing the OSRO factors k, α, β (Eq. 13-15) from cached priors.
+
+The paper tunes k, α, β by hand (Algorithm 2: "manual-adjusted factors"). Here they are chosen on held-out
+slices (the ``val`` split, never the test split the report scores): the diffusion priors X_p, X'_p and the refined
+residual X̂_r are sampled once per slice (:meth:`FusionCache.build`), and every candidate (k, α, β) is only
+Eq. 13-15 plus the metrics, milliseconds per slice, so a sweep of thousands of trials costs less than one sampling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from dudocrop.atomic import torch_save
+from dudocrop.data.normalize import Normalization
+from dudocrop.metrics.image import body_mask, image_metrics
+from dudocrop.pipeline.osro import OSROConfig, fuse
+
+__all__ = ["FusionCache"]
+
+
+@dataclass
+class FusionCache:
+    """What Eq. 13-15 and the metrics need, per slice: the priors in normalised units and the HU images."""
+
+    X_p: torch.Tensor
+    X_p_prime: torch.Tensor
+    X_r_hat: torch.Tensor | None
+    region: torch.Tensor  # the Eq. 11 min / max region (osro_region)
+    x_ma_hu: torch.Tensor
+    metal_mask: torch.Tensor
+    x_ref_hu: torch.Tensor
+    roi: torch.Tensor  # the body of the reference (metrics.image.body_mask), where the report scores
+    norm: Normalization  # normalised attenuation -> HU, as the model's
+    case_ids: list[str]
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, model, x_ma_hu, y_ma, metal_mask, trace, x_ref_hu, case_ids, batch_size: int = 8,
+              progress=None) -> FusionCache:
+        """Sample the priors of a :class:`~dudocrop.pipeline.model.DuDoCROP` ``model`` on (N, 1, ...) tensors."""
+        from dudocrop.pipeline.model import osro_region
+
+        if model.models["residual"] is None:
+            raise ValueError("the model folder has no sde_residual.pt: k (Eq. 13) cannot be chosen without ε3")
+        parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("X_p", "X_p_prime", "X_r_hat", "region")}
+        n = x_ma_hu.shape[0]
+        for i in range(0, n, batch_size):
+            sl = slice(i, i + batch_size)
+            out = model(x_ma_hu[sl], y_ma[sl], metal_mask=metal_mask[sl], trace=trace[sl], return_priors=True)
+            x, _, mask, _ = model.prepare(x_ma_hu[sl], y_ma[sl], metal_mask[sl], trace[sl])
+            for k in ("X_p", "X_p_prime", "X_r_hat"):
+                parts[k].append(getattr(out.priors, k).cpu())
+            parts["region"].append(osro_region(x, mask, model.geometry, model.config.metal_region_dilation).cpu())
+            if progress is not None:
+                progress(min(n, i + batch_size), n)
+        cat = {k: torch.cat(v) for k, v in parts.items()}
+        return cls(cat["X_p"], cat["X_p_prime"], cat["X_r_hat"], cat["region"], x_ma_hu.cpu().float(),
+                   metal_mask.cpu().float(), x_ref_hu.cpu().float(), body_mask(x_ref_hu.cpu().float()), model.norm,
+                   [str(c) for c in case_ids])
+
+    def output_hu(self, cfg: OSROConfig) -> torch.Tensor:
+        """X_o (Eq. 15) in HU with the metal of X_ma reinserted, for factors ``cfg``."""
+        _, x_o = fuse(self.X_p, self.X_p_prime, self.X_r_hat, self.region, cfg)
+        return torch.where(self.metal_mask > 0, self.x_ma_hu, self.norm.image_to_hu(x_o))
+
+    def score(self, cfg: OSROConfig) -> dict[str, float]:
+        """Mean PSNR / SSIM of X_o against the reference (same pixels as the evaluation report)."""
+        m = image_metrics(self.output_hu(cfg), self.x_ref_hu, self.metal_mask, self.roi)
+        return {"psnr": float(m["psnr"].mean()), "ssim": float(m["ssim"].mean())}
+
+    def best(self, base: OSROConfig, candidates) -> tuple[OSROConfig, dict[str, float]]:
+        """The (k, α, β) of ``candidates`` (dicts) with the highest mean PSNR, and its scores (a plain grid search;
+        ``ray_jobs/tune_fusion.py`` runs the same scoring as Ray Tune trials)."""
+        scored = [(self.score(c := replace(base, **dict(cand))), c) for cand in candidates]
+        m, c = max(scored, key=lambda t: t[0]["psnr"])
+        return c, m
+
+    def save(self, path: str) -> None:
+        torch_save(path, self.__dict__)
+
+    @classmethod
+    def load(cls, path: str) -> FusionCache:
+        return cls(**torch.load(path, map_location="cpu", weights_only=False))
