@@ -16,7 +16,6 @@ Parquet metadata). Sidecars are written atomically (``dudocrop.data.sidecar.writ
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -46,11 +45,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def model_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    import pyarrow.fs as pafs
+
+    from dudocrop.data.shards import file_sha256
+
+    return file_sha256(pafs.LocalFileSystem(), os.path.abspath(path))
 
 
 def _shard_keys(data_dir: str, shard_name: str) -> tuple[list[str], list[str]]:

@@ -5,17 +5,21 @@ trains on X_r^in = X_p − X'_p against X_r^ref = X_p − X_ref (Eq. 16).
     python ray_jobs/priors.py --data outputs/train_all/data --models outputs/train_all/models --split train
 
 A Ray Data batch-inference job: one task per shard (GPU when ``--gpu``); shards whose sidecar is complete and
-fresh (case_id and array checksum match) are skipped, so an interrupted run resumes. Progress: a line per shard.
+fresh (case_id and array checksum match, made by the same model files and steps: :func:`provenance`) are
+skipped, so an interrupted run resumes and changed models are re-sampled. Progress: a line per shard.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
@@ -23,10 +27,18 @@ from dudocrop.ct.geometry import get_geometry
 from dudocrop.data.schema import tensor_column
 from dudocrop.data.shards import read_manifest, resolve
 from dudocrop.data.sidecar import read_sidecar, write_sidecar
-from dudocrop.pipeline.model import PIPELINE_FILE, DuDoCROP, check_model_folder, osro_region, save_pipeline_meta
+from dudocrop.pipeline.model import (
+    MODEL_FILES,
+    PIPELINE_FILE,
+    DuDoCROP,
+    check_model_folder,
+    osro_region,
+    save_pipeline_meta,
+)
 from dudocrop.pipeline.osro import OSROConfig, osro
 
 KIND = "priors"
+META_KEY = b"priors_provenance"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,15 +55,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def _fresh(data: str, shard: str, table: pa.Table) -> bool:
+def provenance(models: str, steps: int | None) -> str:
+    """sha256 over the model files the priors come from and the sampler steps: a sidecar made otherwise is stale."""
+    from dudocrop.data.shards import file_sha256
+
+    local = pafs.LocalFileSystem()
+    files = {k: file_sha256(local, os.path.abspath(p)) for k, f in MODEL_FILES.items() if k != "residual"
+             and os.path.isfile(p := os.path.join(models, f))}
+    return hashlib.sha256(json.dumps({"files": files, "steps": steps}, sort_keys=True).encode()).hexdigest()
+
+
+def _fresh(data: str, shard: str, table: pa.Table, made_by: str) -> bool:
     side = read_sidecar(data, KIND, shard, [])
     if side is None or side.num_rows != table.num_rows:
+        return False
+    if (side.schema.metadata or {}).get(META_KEY, b"").decode() != made_by:
         return False
     return dict(zip(side["case_id"].to_pylist(), side["checksum"].to_pylist())) == dict(
         zip(table["case_id"].to_pylist(), table["checksum"].to_pylist()))
 
 
-def shard_priors(data: str, models: str, shard: str, steps: int | None, batch_size: int, device: str) -> int:
+def shard_priors(data: str, models: str, shard: str, steps: int | None, batch_size: int, device: str,
+                 made_by: str) -> int:
     """Compute and write the priors sidecar of one shard; returns its row count."""
     fs, base = resolve(data)
     t = pq.read_table(f"{base}/{shard}", filesystem=fs,
@@ -72,7 +97,8 @@ def shard_priors(data: str, models: str, shard: str, steps: int | None, batch_si
     typ = pa.fixed_shape_tensor(pa.float32(), list(g.image_shape))
     side = pa.table({"case_id": t["case_id"], "checksum": t["checksum"],
                      "X_p": tensor_column(list(np.concatenate(xp)), typ),
-                     "X_p_prime": tensor_column(list(np.concatenate(xpp)), typ)})
+                     "X_p_prime": tensor_column(list(np.concatenate(xpp)), typ)}
+                    ).replace_schema_metadata({META_KEY: made_by.encode()})
     write_sidecar(data, KIND, shard, side)
     return t.num_rows
 
@@ -91,8 +117,9 @@ def run(a: argparse.Namespace) -> dict:
     fs, base = resolve(a.data)
     splits = set(a.split.split(","))
     shards = [s["name"] for s in m["shards"] if a.split == "all" or s["split"] in splits]
-    todo = [s for s in shards
-            if not _fresh(a.data, s, pq.read_table(f"{base}/{s}", filesystem=fs, columns=["case_id", "checksum"]))]
+    made_by = provenance(a.models, a.steps)
+    todo = [s for s in shards if not _fresh(a.data, s, pq.read_table(f"{base}/{s}", filesystem=fs,
+                                                                       columns=["case_id", "checksum"]), made_by)]
     print(f"priors: {len(shards)} shards in split {a.split}, {len(shards) - len(todo)} complete, {len(todo)} to run",
           flush=True)
     t0 = time.time()
@@ -104,7 +131,7 @@ def run(a: argparse.Namespace) -> dict:
 
         def work(row: dict) -> dict:
             torch.set_num_threads(max(1, int(a.cpus_per_task)))
-            n = shard_priors(data, models, row["shard"], steps, bs, device)
+            n = shard_priors(data, models, row["shard"], steps, bs, device, made_by)
             print(f"priors: {row['shard']}: {n} rows", flush=True)
             return {"shard": row["shard"], "rows": n}
 

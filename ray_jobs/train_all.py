@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import threading
 import time
 from dataclasses import asdict, fields
@@ -156,6 +157,29 @@ def _write_marker(out: str, stage: str, record: dict) -> None:
     write_json(_marker(out, stage), record, default=str)
 
 
+def _train_run_dir(stage: str, out: str) -> str | None:
+    """The Ray Train run folder a training stage resumes from."""
+    if stage == "clip":
+        return f"{out}/models/ray_train/dudoclip"
+    if stage.startswith("sde_"):
+        domain = stage.split("_")[1]
+        return f"{out}/{'models_plain' if stage.endswith('_plain') else 'models'}/ray_train/sde_{domain}"
+    return None
+
+
+def _invalidate(out: str, stage: str) -> None:
+    """A completed stage that must run again (its inputs or arguments changed, or --force): drop its marker and its
+    Ray Train checkpoints, which belong to the old inputs. The marker goes first, so a run interrupted from here on
+    resumes the new training instead of deleting it again."""
+    marker = _marker(out, stage)
+    if not os.path.exists(marker):
+        return
+    os.remove(marker)
+    run_dir = _train_run_dir(stage, out)
+    if run_dir and os.path.isdir(run_dir):
+        shutil.rmtree(run_dir)
+
+
 # ---- MLflow -----------------------------------------------------------------------------------------------------
 
 
@@ -268,6 +292,7 @@ def run(a: argparse.Namespace) -> dict:
             print(f"train_all: [{stage}] complete, skipped", flush=True)
             summary[stage] = {"status": "skipped"}
             return
+        _invalidate(out, stage)
         print(f"train_all: [{stage}] running: {' '.join(argv)}", flush=True)
         dt, result, run_id = _run_stage(stage, argv, tracking)
         tracking.finish(run_id, dt, result, _artifacts(stage, out))

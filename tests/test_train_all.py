@@ -63,6 +63,8 @@ def test_train_all_runs_every_stage_then_resumes_doing_nothing(tmp_path, ray_ses
     # a re-run stage invalidates what reads it, and only that
     third = train_all.run(train_all.parse_args(["--out", str(out), "--force", "sde_residual", *SMALLEST]))
     assert [s for s, v in third["stages"].items() if v["status"] == "ran"] == ["sde_residual", "fusion", "evaluate"]
+    redone = json.loads((out / "stages" / "sde_residual.json").read_text())["result"]
+    assert not redone["resumed_from"] and redone["steps"] == 4  # trained anew, not resumed from the old run
 
 
 def _kill_a_train_worker_after_a_checkpoint(run_dir, killed: dict, timeout: float = 600.0) -> None:
@@ -121,3 +123,15 @@ def test_bad_overrides_name_the_field(tmp_path):
         train_all.run(train_all.parse_args(["--out", str(tmp_path), "--set", "n_patient=3"]))
     with pytest.raises(SystemExit, match="unknown stages"):
         train_all.run(train_all.parse_args(["--out", str(tmp_path), "--stages", "prepare,bake"]))
+
+
+def test_priors_sidecars_record_the_models_and_steps_they_came_from(tmp_path):
+    from ray_jobs.priors import provenance
+
+    for name in ("sde_image.pt", "sde_sinogram.pt"):
+        (tmp_path / name).write_bytes(b"weights of " + name.encode())
+    first = provenance(str(tmp_path), 5)
+    assert provenance(str(tmp_path), 5) == first
+    assert provenance(str(tmp_path), 10) != first
+    (tmp_path / "sde_sinogram.pt").write_bytes(b"retrained")
+    assert provenance(str(tmp_path), 5) != first
