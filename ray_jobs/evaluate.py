@@ -67,9 +67,9 @@ def _fusion_note(record: dict | None, given: bool) -> list[str]:
     """Where the OSRO factors came from, when ray_jobs/tune_fusion.py chose them and the command line did not."""
     if not record or given:
         return []
-    prev = record["previous"]
+    prev = record["untuned"]
     return [f"k, alpha, beta chosen by ray_jobs/tune_fusion.py on {record['slices']} slices of split "
-            f"'{record['split']}' ({record['trials']} trials; PSNR there {record['previous_psnr']:.2f} dB at "
+            f"'{record['split']}' ({record['trials']} trials; PSNR there {record['untuned_psnr']:.2f} dB at "
             f"k={prev['k']}, alpha={prev['alpha']}, beta={prev['beta']} -> {record['psnr']:.2f} dB)."]
 
 

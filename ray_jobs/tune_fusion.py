@@ -7,7 +7,8 @@ held-out slices, from priors sampled once, and write them into the model folder'
 The priors X_p, X'_p and the refined residual X̂_r of ``--max-slices`` slices of ``--split`` (never the test split
 the report scores) are sampled once (``dudocrop.eval.fusion.FusionCache``, saved as ``<out>/priors.pt``); each
 Tune trial then only re-fuses them (Eq. 13-15) and scores mean PSNR / SSIM, so the grid's 125 trials (or
-thousands of random ones) cost seconds. The best trial by PSNR is written to ``pipeline.json`` with a record of
+thousands of random ones) cost seconds. The best trial by PSNR (ties: the refined prior's PSNR,
+``dudocrop.eval.fusion.rank``) is written to ``pipeline.json`` with a record of
 how it was chosen; ``<out>/trials.csv`` holds every trial, ``<out>/fusion.json`` the summary.
 """
 
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from dudocrop.atomic import write_json, write_text
-from dudocrop.eval.fusion import FusionCache
+from dudocrop.eval.fusion import FusionCache, rank
 from dudocrop.pipeline.model import PIPELINE_FILE, DuDoCROP, pipeline_config_from_dict, save_pipeline_meta
 from dudocrop.pipeline.osro import OSROConfig
 from dudocrop.train.rows import load_split
@@ -93,7 +94,8 @@ def run(a: argparse.Namespace) -> dict:
     cache.save(os.path.join(out, "priors.pt"))
     t_priors = time.time() - t0
     base = replace(stored.osro, normalize=True, fidelity=True, residual_refine=True, fusion=True)
-    before = cache.score(stored.osro)
+    untuned = OSROConfig()  # the neutral start (k = α = β = 0.5) the sweep is compared with
+    before = cache.score(untuned)
 
     common.init_ray(a.address)
     space = fusion_space(a.space, a.points)
@@ -111,16 +113,17 @@ def run(a: argparse.Namespace) -> dict:
     if errors:
         raise RuntimeError(f"tune_fusion: {len(errors)} trials failed; first: {errors[0]}")
     df = results.get_dataframe()
-    cols = [f"config/{f}" for f in FACTORS] + ["psnr", "ssim"]
-    df = df[cols].rename(columns={f"config/{f}": f for f in FACTORS}).sort_values("psnr", ascending=False)
+    cols = [f"config/{f}" for f in FACTORS] + ["psnr", "ssim", "psnr_refined"]
+    df = df[cols].rename(columns={f"config/{f}": f for f in FACTORS})
+    df = df.iloc[sorted(range(len(df)), key=lambda i: rank(df.iloc[i]), reverse=True)]
     write_text(os.path.join(out, "trials.csv"), df.to_csv(index=False))
-    best = results.get_best_result()
-    chosen = replace(base, **{f: float(best.config[f]) for f in FACTORS})
-    after = {"psnr": float(best.metrics["psnr"]), "ssim": float(best.metrics["ssim"])}
+    top = df.iloc[0]
+    chosen = replace(base, **{f: float(top[f]) for f in FACTORS})
+    after = {"psnr": float(top["psnr"]), "ssim": float(top["ssim"])}
     record = {"split": a.split, "slices": len(cache.case_ids), "steps": a.steps, "space": a.space,
               "trials": len(df), "chosen": {f: getattr(chosen, f) for f in FACTORS}, "psnr": after["psnr"],
-              "ssim": after["ssim"], "previous": {f: getattr(stored.osro, f) for f in FACTORS},
-              "previous_psnr": before["psnr"], "previous_ssim": before["ssim"], "priors_seconds": t_priors,
+              "ssim": after["ssim"], "untuned": {f: getattr(untuned, f) for f in FACTORS},
+              "untuned_psnr": before["psnr"], "untuned_ssim": before["ssim"], "priors_seconds": t_priors,
               "tune_seconds": t_tune}
     write_json(os.path.join(out, "fusion.json"), record)
     if not a.no_write:
@@ -129,10 +132,10 @@ def run(a: argparse.Namespace) -> dict:
           f"(priors {t_priors:.1f}s)", flush=True)
     print(df.head(10).to_string(index=False), flush=True)
     print(f"tune_fusion: k={chosen.k} alpha={chosen.alpha} beta={chosen.beta}: PSNR {after['psnr']:.2f} dB, SSIM "
-          f"{after['ssim']:.4f} (was k={stored.osro.k} alpha={stored.osro.alpha} beta={stored.osro.beta}: "
+          f"{after['ssim']:.4f} (untuned k={untuned.k} alpha={untuned.alpha} beta={untuned.beta}: "
           f"{before['psnr']:.2f} dB, {before['ssim']:.4f})" + ("" if a.no_write else f"; written to {meta_path}"),
           flush=True)
-    return {"trials": len(df), "psnr": after["psnr"], "ssim": after["ssim"], "previous_psnr": before["psnr"],
+    return {"trials": len(df), "psnr": after["psnr"], "ssim": after["ssim"], "untuned_psnr": before["psnr"],
             **{f: getattr(chosen, f) for f in FACTORS}, "seconds_priors": t_priors, "seconds_tune": t_tune,
             "osro": asdict(chosen)}
 
