@@ -5,8 +5,8 @@ reverse-diffusion steps and with the fewest useful (3), against the paper's 125 
 Fewest useful, not fewest accepted: the IR-SDE takes any 1 <= steps <= T, but with 1 step the prior is F̂_0 read off
 at t = T, where Eq. 6 multiplies the network's error by e^{θ̄_T} (200x): on the small run's val split the image /
 sinogram priors gave 6.5 / 9.4 dB with 1 step, 28.2 / 40.9 dB with 3 and 30.2 / 41.0 dB with 25. Step counts above
-``--max-timed-steps`` (CPU default 5) are extrapolated linearly from the two largest timed counts (the cost is a
-fixed part, CLIP + FP/FBP + OSRO, plus the same U-Net evaluations per step) and marked so.
+``--max-timed-steps`` (CPU default 5) come from a straight line fitted to the timed counts (the cost is a fixed
+part, CLIP + FP/FBP + OSRO, plus the same U-Net evaluations per step) and are marked ``measured: false``.
 
     python bench/pipeline.py --json                       # CPU: tiny U-Nets; CUDA when available: paper U-Nets
     python bench/pipeline.py --json --unet paper --device cuda --report outputs/small/report/report.csv
@@ -62,22 +62,24 @@ def time_pipeline(model: DuDoCROP, x_ma, y_ma, steps: int, repeats: int) -> dict
 
 
 def timings(model: DuDoCROP, x_ma, y_ma, steps: list[int], repeats: int, max_timed: int | None) -> list[dict]:
-    """Measured seconds per slice for each step count <= ``max_timed``; larger ones extrapolated from the two
-    largest measured counts (at least two are measured: ``max_timed`` and ``max_timed - 1`` when needed)."""
-    timed = sorted({s for s in steps if max_timed is None or s <= max_timed})
+    """Seconds per slice for each step count: measured up to ``max_timed``; larger counts from a least-squares line
+    through the measured counts (1 and ``max_timed`` are always among them then, to spread the fit). Every measured
+    count is listed, so the fit can be checked."""
+    timed = {s for s in steps if max_timed is None or s <= max_timed}
     if max_timed is not None and any(s > max_timed for s in steps):
-        timed = sorted(set(timed) | {max_timed - 1, max_timed})
-    measured = {s: time_pipeline(model, x_ma, y_ma, s, repeats) for s in timed}
-    rows = []
-    for s in steps:
-        if s in measured:
-            rows.append(measured[s])
-            continue
-        (s0, r0), (s1, r1) = sorted(measured.items())[-2:]
-        per_step = (r1["seconds_per_slice"] - r0["seconds_per_slice"]) / (s1 - s0)
-        rows.append({"steps": s, "seconds_per_slice": r1["seconds_per_slice"] + per_step * (s - s1),
-                     "extrapolated_from": [s0, s1]})
-    return rows
+        timed |= {1, max_timed}
+    measured = {s: time_pipeline(model, x_ma, y_ma, s, repeats) for s in sorted(timed)}
+    rows = [dict(r, measured=True) for r in measured.values()]
+    if len(measured) >= 2:
+        xs = torch.tensor(list(measured), dtype=torch.float64)
+        ys = torch.tensor([r["seconds_per_slice"] for r in measured.values()], dtype=torch.float64)
+        slope = float(((xs - xs.mean()) * (ys - ys.mean())).sum() / ((xs - xs.mean()) ** 2).sum())
+        fixed = float(ys.mean() - slope * xs.mean())
+        for s in steps:
+            if s not in measured:
+                rows.append({"steps": s, "seconds_per_slice": fixed + slope * s, "measured": False,
+                             "fit": {"fixed_s": fixed, "per_step_s": slope, "from_steps": sorted(measured)}})
+    return sorted(rows, key=lambda r: r["steps"])
 
 
 def read_report(path: str) -> dict:
@@ -140,7 +142,7 @@ def main(argv=None) -> int:
         print(json.dumps(out, indent=2))
     else:
         for r in rows:
-            how = f" (extrapolated from {r['extrapolated_from']})" if "extrapolated_from" in r else ""
+            how = "" if r["measured"] else f" (fitted to steps {r['fit']['from_steps']})"
             print(f"{out['device']} {what}: {r['steps']:>3} steps {r['seconds_per_slice']:.2f} s/slice{how} "
                   f"({r['vs_paper']:.1f}x the paper's {PAPER_SECONDS_PER_SLICE:.0f} s)")
     return 0
