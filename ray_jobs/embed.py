@@ -52,28 +52,11 @@ def model_sha256(path: str) -> str:
     return file_sha256(pafs.LocalFileSystem(), os.path.abspath(path))
 
 
-def _shard_keys(data_dir: str, shard_name: str) -> tuple[list[str], list[str]]:
-    import pyarrow.parquet as pq
-
-    from dudocrop.data.shards import resolve
-
-    fs, base = resolve(data_dir)
-    t = pq.read_table(f"{base}/{shard_name}", filesystem=fs, columns=["case_id", "checksum"])
-    return t["case_id"].to_pylist(), t["checksum"].to_pylist()
-
-
 def is_fresh(data_dir: str, shard_name: str, sha: str) -> bool:
     """The shard's sidecar exists, holds exactly its (case_id, checksum) rows in order and was made by ``sha``."""
-    from dudocrop.data.sidecar import read_sidecar
+    from dudocrop.data.sidecar import is_fresh as sidecar_is_fresh
 
-    try:
-        side = read_sidecar(data_dir, KIND, shard_name, columns=[])
-    except Exception:  # noqa: BLE001 - an unreadable sidecar is redone, not trusted
-        return False
-    if side is None or (side.schema.metadata or {}).get(META_KEY, b"").decode() != sha:
-        return False
-    ids, sums = _shard_keys(data_dir, shard_name)
-    return side["case_id"].to_pylist() == ids and side["checksum"].to_pylist() == sums
+    return sidecar_is_fresh(data_dir, KIND, shard_name, META_KEY, sha)
 
 
 _MODELS: dict[tuple[str, str], Any] = {}

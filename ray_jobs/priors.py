@@ -26,7 +26,7 @@ import torch
 from dudocrop.ct.geometry import get_geometry
 from dudocrop.data.schema import tensor_column
 from dudocrop.data.shards import read_manifest, resolve
-from dudocrop.data.sidecar import read_sidecar, write_sidecar
+from dudocrop.data.sidecar import is_fresh, write_sidecar
 from dudocrop.pipeline.model import (
     MODEL_FILES,
     PIPELINE_FILE,
@@ -63,16 +63,6 @@ def provenance(models: str, steps: int | None) -> str:
     files = {k: file_sha256(local, os.path.abspath(p)) for k, f in MODEL_FILES.items() if k != "residual"
              and os.path.isfile(p := os.path.join(models, f))}
     return hashlib.sha256(json.dumps({"files": files, "steps": steps}, sort_keys=True).encode()).hexdigest()
-
-
-def _fresh(data: str, shard: str, table: pa.Table, made_by: str) -> bool:
-    side = read_sidecar(data, KIND, shard, [])
-    if side is None or side.num_rows != table.num_rows:
-        return False
-    if (side.schema.metadata or {}).get(META_KEY, b"").decode() != made_by:
-        return False
-    return dict(zip(side["case_id"].to_pylist(), side["checksum"].to_pylist())) == dict(
-        zip(table["case_id"].to_pylist(), table["checksum"].to_pylist()))
 
 
 def shard_priors(data: str, models: str, shard: str, steps: int | None, batch_size: int, device: str,
@@ -114,12 +104,10 @@ def run(a: argparse.Namespace) -> dict:
     check_model_folder(a.models, meta=False)
     if not os.path.isfile(os.path.join(a.models, PIPELINE_FILE)):
         save_pipeline_meta(a.models, get_geometry(m["geometry"]["name"]))
-    fs, base = resolve(a.data)
     splits = set(a.split.split(","))
     shards = [s["name"] for s in m["shards"] if a.split == "all" or s["split"] in splits]
     made_by = provenance(a.models, a.steps)
-    todo = [s for s in shards if not _fresh(a.data, s, pq.read_table(f"{base}/{s}", filesystem=fs,
-                                                                       columns=["case_id", "checksum"]), made_by)]
+    todo = [s for s in shards if not is_fresh(a.data, KIND, s, META_KEY, made_by)]
     print(f"priors: {len(shards)} shards in split {a.split}, {len(shards) - len(todo)} complete, {len(todo)} to run",
           flush=True)
     t0 = time.time()

@@ -52,6 +52,21 @@ def read_sidecar(data_dir: str, kind: str, shard_name: str, columns: list[str] |
     return pq.read_table(path, filesystem=fs, columns=cols)
 
 
+def is_fresh(data_dir: str, kind: str, shard_name: str, meta_key: bytes, made_by: str) -> bool:
+    """The shard's ``kind`` sidecar exists, was made by ``made_by`` (its schema metadata under ``meta_key``: the
+    sha256 of the models and settings that wrote it) and holds exactly the shard's (case_id, checksum) rows in
+    order. An unreadable sidecar is not fresh (it is redone, not trusted)."""
+    try:
+        side = read_sidecar(data_dir, kind, shard_name, columns=[])
+    except Exception:  # noqa: BLE001 - a damaged file is rewritten
+        return False
+    if side is None or (side.schema.metadata or {}).get(meta_key, b"").decode() != made_by:
+        return False
+    fs, base = resolve(data_dir)
+    shard = pq.read_table(f"{base}/{shard_name}", filesystem=fs, columns=list(KEY_COLUMNS))
+    return all(side[c].to_pylist() == shard[c].to_pylist() for c in KEY_COLUMNS)
+
+
 def join_sidecar(shard: pa.Table, side: pa.Table, kind: str, allow_missing: bool = False,
                  remedy: str = "re-run the stage that writes it") -> pa.Table:
     """``shard`` with the sidecar's columns appended, matched by ``case_id`` (row order of the shard).
