@@ -157,16 +157,6 @@ def _write_marker(out: str, stage: str, record: dict) -> None:
     write_json(_marker(out, stage), record, default=str)
 
 
-def _train_run_dir(stage: str, out: str) -> str | None:
-    """The Ray Train run folder a training stage resumes from."""
-    if stage == "clip":
-        return f"{out}/models/ray_train/dudoclip"
-    if stage.startswith("sde_"):
-        domain = stage.split("_")[1]
-        return f"{out}/{'models_plain' if stage.endswith('_plain') else 'models'}/ray_train/sde_{domain}"
-    return None
-
-
 def _invalidate(out: str, stage: str) -> None:
     """A completed stage that must run again (its inputs or arguments changed, or --force): drop its marker and its
     Ray Train checkpoints, which belong to the old inputs. The marker goes first, so a run interrupted from here on
@@ -174,8 +164,13 @@ def _invalidate(out: str, stage: str) -> None:
     marker = _marker(out, stage)
     if not os.path.exists(marker):
         return
+    try:
+        with open(marker) as f:
+            result = json.load(f).get("result") or {}
+    except ValueError:  # a damaged marker names no run folder
+        result = {}
     os.remove(marker)
-    run_dir = _train_run_dir(stage, out)
+    run_dir = result.get("run_dir")  # the training jobs report the Ray Train run folder they used
     if run_dir and os.path.isdir(run_dir):
         shutil.rmtree(run_dir)
 
