@@ -38,6 +38,7 @@ from dudocrop.sde.train import (  # noqa: E402
     build_training,
     domain_columns,
     embedding_width,
+    geometry_for_data,
     get_train_config,
     normalization_for_data,
     parse_overrides,
@@ -45,13 +46,15 @@ from dudocrop.sde.train import (  # noqa: E402
     sde_model_from_training,
     train_step,
     validate,
+    with_sinogram_mu,
 )
-from dudocrop.train import load_split, unwrap  # noqa: E402
+from dudocrop.train import SliceRows, load_split, unwrap  # noqa: E402
 from ray_jobs import common  # noqa: E402
 
 
-def _load_val(data: str, cols, side, n: int):
-    """The first ``n`` rows of the val split (test split if there is no val split), or None when neither exists."""
+def _load_val(data: str, cols, side, n: int, derive=lambda rows: rows):
+    """The first ``n`` rows of the val split (test split if there is no val split) as columns, passed through
+    ``derive`` (SliceRows -> SliceRows), or None when neither split exists."""
     for split in ("val", "test"):
         try:
             rows = load_split(data, split, cols, side)
@@ -59,7 +62,7 @@ def _load_val(data: str, cols, side, n: int):
             if "has no rows in split" in str(e):
                 continue
             raise
-        return {k: v[:n] for k, v in rows.columns.items()}
+        return derive(SliceRows({k: v[:n] for k, v in rows.columns.items()}, rows.shard_of_row[:n])).columns
     return None
 
 
@@ -73,11 +76,17 @@ def train_loop(config: dict) -> None:
     if device.type == "cpu":
         # Several workers share a small node: one intra-op thread each avoids oversubscription.
         torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
-    cols, side = domain_columns(cfg.domain, cfg.use_embeddings)
-    rows = load_split(config["data"], "train", cols, side)
+    cols, side = domain_columns(cfg.domain, cfg.use_embeddings, cfg.sinogram_mu)
     norm = normalization_for_data(config["data"])
+    geometry = geometry_for_data(config["data"])
+
+    def derive(rows: SliceRows) -> SliceRows:  # the sinogram's NMAR μ, once per slice (with_sinogram_mu)
+        return with_sinogram_mu(rows, cfg.sinogram_mu, geometry) if cfg.domain == "sinogram" else rows
+
+    rows = derive(load_split(config["data"], "train", cols, side))
     ctx = embedding_width(rows, cfg.domain) if cfg.use_embeddings else None
-    val = _load_val(config["data"], cols, side, cfg.val_slices) if rank == 0 and cfg.validate_every else None
+    val = (_load_val(config["data"], cols, side, cfg.val_slices, derive)
+           if rank == 0 and cfg.validate_every else None)
 
     unet, ema, opt, sde = build_training(cfg, device, ctx)
     start = 0

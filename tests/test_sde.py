@@ -151,6 +151,38 @@ def test_loss_zero_for_the_true_noise_and_positive_otherwise():
                         rel_tol=1e-6)
 
 
+# ---- the x0 parametrization (SDEConfig.parametrization) ----------------------------------------------------------
+SDE_X0 = IRSDE(SDEConfig(parametrization="x0"))
+
+
+@pytest.mark.parametrize("steps", [None, 5, 1])
+def test_x0_parametrization_zero_output_restores_mu_and_the_true_residual_restores_x0(steps):
+    """With parametrization='x0' the network's output is F̂_0 − μ: zero gives back μ for any noise draw, the true
+    residual gives back F_0 (through Eq. 6's noise and the unchanged sampler), and Eq. 9's posterior form is zero."""
+    gen = torch.Generator().manual_seed(5)
+    x0 = torch.rand(2, 1, 16, 16, generator=gen)
+    mu = x0 + 0.3 * torch.randn(2, 1, 16, 16, generator=gen)
+    zero = lambda x_t, mu_, t, content=None, control=None: torch.zeros_like(x_t)  # noqa: E731
+    true = lambda x_t, mu_, t, content=None, control=None: x0 - mu_  # noqa: E731
+    assert torch.allclose(SDE_X0.sample(zero, mu, steps=steps, generator=gen), mu, atol=1e-5)
+    assert torch.allclose(SDE_X0.sample(true, mu, steps=steps, generator=gen), x0, atol=5e-5)
+    # the noise parametrization reads the same zero output as ε̂ = 0, which is not μ
+    assert not torch.allclose(SDE.sample(zero, mu, steps=steps, generator=gen), mu, atol=1e-2)
+    assert float(SDE_X0.training_loss(true, x0, mu, generator=gen, form="posterior")) < 1e-5
+    assert float(SDE_X0.training_loss(zero, x0, mu, generator=gen, form="posterior")) > 1e-3
+
+
+def test_noise_of_inverts_x0_from_noise():
+    gen = torch.Generator().manual_seed(6)
+    x_t, mu, out = (torch.rand(3, 1, 8, 8, generator=gen) for _ in range(3))
+    for t in (1, 37, 100):
+        eps = SDE_X0.noise_of(out, x_t, mu, t)
+        assert torch.allclose(SDE_X0.x0_from_noise(x_t, mu, t, eps), mu + out, atol=1e-4)
+        assert SDE.noise_of(out, x_t, mu, t) is out
+    with pytest.raises(ValueError, match="parametrization must be 'noise' or 'x0'"):
+        SDEConfig(parametrization="v")
+
+
 # ---- the U-Net ---------------------------------------------------------------------------------------------------
 def test_presets_sizes():
     assert 1e5 < count_parameters(build_unet("tiny")) < 1e6

@@ -124,11 +124,42 @@ def test_sinogram_mu_li_fills_the_trace_and_keeps_the_rest():
     assert (b_ma["mu"] - b_ma["x0"])[~off].min() > 0.1
     assert np.array_equal(sinogram_mu(y_ma, tr, "ma"), y_ma)
     with pytest.raises(ValueError, match="sinogram_mu must be one of"):
+        sinogram_mu(y_ma, tr, "bogus")
+    with pytest.raises(ValueError, match="needs x_ma, metal_mask and op"):
         sinogram_mu(y_ma, tr, "nmar")
     with pytest.raises(ValueError, match="trace must have y_ma's shape"):
         sinogram_mu(y_ma, tr[:, :10], "li")
     with pytest.raises(ValueError, match="SDETrainConfig.sinogram_mu"):
         get_train_config("tiny", sinogram_mu="bogus")
+
+
+def test_sinogram_mu_nmar_is_classic_nmar_computed_once_per_slice(data):
+    """``nmar`` μ is classic NMAR's corrected sinogram (the same numbers the evaluation's NMAR row reconstructs),
+    precomputed into the rows by with_sinogram_mu; batches then read it, and without it they refuse."""
+    from dudocrop.classic.nmar import nmar
+    from dudocrop.ct.operators import FanBeamOperator
+    from dudocrop.sde.train import SINOGRAM_MU_COLUMN, geometry_for_data, sinogram_mu, with_sinogram_mu
+
+    cols, side = domain_columns("sinogram", False, "nmar")
+    assert {"X_ma", "metal_mask"} <= set(cols)
+    rows = load_split(data, "val", cols, side)
+    c = rows.columns
+    op = FanBeamOperator(geometry_for_data(data))
+    t4 = lambda k: torch.from_numpy(np.array(c[k], np.float32)[:, None])  # noqa: E731
+    _, want = nmar(t4("Y_ma"), t4("metal_mask") > 0.5, t4("X_ma"), op, trace=t4("metal_trace") > 0.5,
+                   return_sinogram=True)
+    got = with_sinogram_mu(rows, "nmar", op, batch=3)
+    assert np.allclose(got.columns[SINOGRAM_MU_COLUMN], want[:, 0].numpy(), atol=1e-5)
+    assert torch.allclose(sinogram_mu(t4("Y_ma"), t4("metal_trace"), "nmar", x_ma=t4("X_ma"),
+                                      metal_mask=t4("metal_mask"), op=op), want, atol=1e-5)
+    tr = c["metal_trace"] > 0.5
+    assert np.array_equal(got.columns[SINOGRAM_MU_COLUMN][~tr], np.asarray(c["Y_ma"])[~tr])  # only M_s changes
+    assert with_sinogram_mu(rows, "li", op) is rows
+    norm = normalization_for_data(data)
+    b = make_batch(got.take([0, 1]), "sinogram", norm, None, np.random.default_rng(0), False, sino_mu="nmar")
+    assert torch.allclose(b["mu"][:, 0], norm.sino(torch.from_numpy(want[:2, 0].numpy())), atol=1e-6)
+    with pytest.raises(ValueError, match="precomputed 'Y_mu' column"):
+        make_batch(rows.take([0]), "sinogram", norm, None, np.random.default_rng(0), False, sino_mu="nmar")
 
 
 # ---- model file ------------------------------------------------------------------------------------------------

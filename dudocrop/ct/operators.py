@@ -151,10 +151,20 @@ class FanBeamOperator:
 
     @staticmethod
     def _numba_loop(x: torch.Tensor, out_hw: tuple[int, int], kernel) -> torch.Tensor:
-        xs = x.detach().cpu().numpy()
-        out = np.empty((xs.shape[0], 1, *out_hw), dtype=np.float32)
-        for i in range(xs.shape[0]):
-            kernel(knb.as_f32(xs[i, 0]), out[i, 0])
+        # numba's OpenMP layer sets the process-wide OpenMP thread count, which is also torch's intra-op pool: a
+        # Ray Train worker held to 1 torch thread ran on 2 after one NMAR (4x slower DDP steps on 2 cores, the
+        # threads spinning against each other). So the kernels use at most torch's threads, and torch keeps them.
+        threads = torch.get_num_threads()
+        numba_threads = numba.get_num_threads()
+        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+        try:
+            xs = x.detach().cpu().numpy()
+            out = np.empty((xs.shape[0], 1, *out_hw), dtype=np.float32)
+            for i in range(xs.shape[0]):
+                kernel(knb.as_f32(xs[i, 0]), out[i, 0])
+        finally:
+            numba.set_num_threads(numba_threads)
+            torch.set_num_threads(threads)
         return torch.from_numpy(out).to(x.dtype)
 
     def _astra_loop(self, x: torch.Tensor, what: str) -> torch.Tensor:

@@ -219,8 +219,9 @@ class DuDoCROP:
         dom = self.config.domains
         x_prior = self._sample("image", self.norm.image(x_ma_hu), emb.get("image"), 1) if dom != "sinogram" else None
         y_prior = None
-        if dom != "image":  # μ as the sinogram model was trained: Y_ma or its LI completion (SINOGRAM_MU)
-            y_mu = sinogram_mu(y_ma, trace, self.models["sinogram"].sinogram_mu)
+        if dom != "image":  # μ as the sinogram model was trained: Y_ma or its LI / NMAR completion (SINOGRAM_MU)
+            y_mu = sinogram_mu(y_ma, trace, self.models["sinogram"].sinogram_mu, x_ma=x_ma_hu, metal_mask=metal_mask,
+                               op=self.op)
             y_prior = self._sample("sinogram", self.norm.sino(y_mu), emb.get("sinogram"), 2)
         return x_prior, y_prior
 

@@ -25,7 +25,8 @@ from dudocrop.sde.config import SDEConfig
 
 Sampler = Literal["posterior", "sde"]
 LossForm = Literal["sde", "posterior"]
-#: ``model(x_t, mu, t, content=..., control=...) -> predicted noise``; ``t`` is a float tensor (N,) of timestamps.
+#: ``model(x_t, mu, t, content=..., control=...) -> predicted noise`` (or F̂_0 − μ, SDEConfig.parametrization);
+#: ``t`` is a float tensor (N,) of timestamps.
 NoiseModel = Callable[..., torch.Tensor]
 
 
@@ -144,6 +145,13 @@ class IRSDE:
         tb = self._coef(t, x_t)
         return mu + (x_t - mu - self.std(t, x_t) * noise) * torch.exp(tb).to(x_t.dtype)
 
+    def noise_of(self, out: torch.Tensor, x_t: torch.Tensor, mu: torch.Tensor, t) -> torch.Tensor:
+        """ε̂ from the network's output: the output itself, or for ``parametrization='x0'`` the noise of Eq. 6 that
+        F̂_0 = μ + ``out`` implies (SDEConfig.parametrization)."""
+        if self.config.parametrization == "noise":
+            return out
+        return self.noise_from_x0(x_t, mu + out, mu, t)
+
     # ---- Eq. 8: optimal reverse state and its posterior ---------------------------------------------------------
     def _abc(self, t, s, like):
         tb_t, tb_s = self._pair(t, s, like)
@@ -233,7 +241,7 @@ class IRSDE:
             t = torch.randint(1, self.T + 1, (n,), generator=generator, device=x0.device)
         t = self._index(t, n, x0.device, low=1)
         x_t = self.q_sample(x0, mu, t, generator=generator)
-        noise_pred = model(x_t, mu, t.to(x0.dtype), content=content, control=control)
+        noise_pred = self.noise_of(model(x_t, mu, t.to(x0.dtype), content=content, control=control), x_t, mu, t)
         return self.loss(noise_pred, x_t, x0, mu, t, eta=eta, form=form)
 
     # ---- sampling -----------------------------------------------------------------------------------------------
@@ -287,7 +295,7 @@ class IRSDE:
             _same_shape(x_T=x, mu=mu)
         for t, s in zip(kept[:-1], kept[1:]):
             t_vec = torch.full((mu.shape[0],), float(t), device=mu.device, dtype=mu.dtype)
-            noise_pred = denoise(x, t_vec)
+            noise_pred = self.noise_of(denoise(x, t_vec), x, mu, t)
             if x0_range is not None:
                 # Clipping F̂_0 to the data range and re-deriving ε̂ (DDPM's "clip_denoised") bounds the e^{θ̄_t} (up
                 # to 1/eps = 200x) amplification of the network's error at large t, where F̂_0 is mostly noise.
