@@ -63,6 +63,11 @@ def _shards(out: Path) -> dict[str, Path]:
     return {p.name: p for p in sorted(out.glob("*.parquet"))}
 
 
+def _complete(out: Path) -> set[str]:
+    """Shards the job counts as finished: the parquet and, written after it, its ``.info.json`` checksum."""
+    return {n for n, p in _shards(out).items() if p.with_name(p.name + ".info.json").exists()}
+
+
 def _sha(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
@@ -124,12 +129,13 @@ def _crash(p: subprocess.Popen) -> None:
 
 
 def _kill_when_partial(out: Path, timeout: float = 300) -> set[str]:
-    """Start the job and crash it once a shard is final but before the manifest exists."""
+    """Start the job and crash it once a shard is complete (parquet and checksum) but before the manifest exists.
+    A shard whose checksum was not written yet when the crash lands is not a survivor: the resume rebuilds it."""
     p = _popen(out)
     t0 = time.time()
     try:
         while time.time() - t0 < timeout:
-            if _shards(out) and not (out / MANIFEST_NAME).exists():
+            if _complete(out) and not (out / MANIFEST_NAME).exists():
                 break
             assert p.poll() is None, f"job ended before it could be interrupted:\n{p.stdout.read()[-3000:]}"
             time.sleep(0.02)
@@ -138,7 +144,7 @@ def _kill_when_partial(out: Path, timeout: float = 300) -> set[str]:
     finally:
         _crash(p)
     assert not (out / MANIFEST_NAME).exists()
-    survivors = set(_shards(out))
+    survivors = _complete(out)
     assert survivors
     return survivors
 
