@@ -31,6 +31,7 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
+from dudocrop.data.normalize import Normalization  # noqa: E402
 from dudocrop.sde.train import (  # noqa: E402
     SDE_DOMAINS,
     TRAIN_PRESETS,
@@ -77,8 +78,8 @@ def train_loop(config: dict) -> None:
         # Several workers share a small node: one intra-op thread each avoids oversubscription.
         torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
     cols, side = domain_columns(cfg.domain, cfg.use_embeddings, cfg.sinogram_mu)
-    norm = normalization_for_data(config["data"])
     geometry = geometry_for_data(config["data"])
+    norm = Normalization.for_geometry(geometry)  # normalization_for_data without reading the manifest again
 
     def derive(rows: SliceRows) -> SliceRows:  # the sinogram's NMAR μ, once per slice (with_sinogram_mu)
         return with_sinogram_mu(rows, cfg.sinogram_mu, geometry) if cfg.domain == "sinogram" else rows
