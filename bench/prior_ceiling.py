@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from dudocrop.classic.li import reinsert_metal
 from dudocrop.classic.nmar import nmar
 from dudocrop.ct.operators import FanBeamOperator
 from dudocrop.data.loader import CropSpec
@@ -48,18 +49,17 @@ from dudocrop.train.state import cosine_lr, step_rng
 NEEDED = ["X_ma", "X_ref", "metal_mask", "Y_ma", "metal_trace"]
 
 
-def nmar_images(cols, op: FanBeamOperator, reinsert: bool, batch: int = 16) -> np.ndarray:
-    """NMAR of every row in HU (N, H, W); ``reinsert=False`` keeps NMAR's values in the metal pixels."""
+def nmar_images(cols, op: FanBeamOperator, batch: int = 16) -> np.ndarray:
+    """NMAR of every row in HU (N, H, W), with NMAR's own values in the metal pixels (no X_ma: no reinsertion)."""
     out = []
     for i in range(0, len(cols["X_ma"]), batch):
         t = {k: torch.as_tensor(np.array(cols[k][i:i + batch], dtype=np.float32))[:, None] for k in NEEDED}
-        x = nmar(t["Y_ma"], t["metal_mask"] > 0.5, t["X_ma"] if reinsert else None, op, trace=t["metal_trace"] > 0.5)
-        out.append(x[:, 0].numpy())
+        out.append(nmar(t["Y_ma"], t["metal_mask"] > 0.5, None, op, trace=t["metal_trace"] > 0.5)[:, 0].numpy())
     return np.concatenate(out)
 
 
 def score(x_hu: torch.Tensor, t: dict) -> tuple[float, float]:
-    x = torch.where(t["metal_mask"] > 0, t["X_ma"], x_hu)
+    x = reinsert_metal(x_hu, t["metal_mask"] > 0, t["X_ma"])
     m = image_metrics(x, t["X_ref"], t["metal_mask"], body_mask(t["X_ref"]))
     return float(m["psnr"].mean()), float(m["ssim"].mean())
 
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     rows = load_split(a.data, "train", sorted(set(cols) | set(NEEDED)), side)
     measured_x_ma = rows.columns["X_ma"]
     if a.mu == "nmar":  # make_batch reads μ from X_ma
-        rows = SliceRows({**rows.columns, "X_ma": nmar_images(rows.columns, op, reinsert=False)}, rows.shard_of_row)
+        rows = SliceRows({**rows.columns, "X_ma": nmar_images(rows.columns, op)}, rows.shard_of_row)
     ctx = embedding_width(rows, "image")
     unet, ema, opt, _ = build_training(cfg, a.device, ctx)
     t0, losses, mu_losses = time.perf_counter(), [], []
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
         n = min(a.slices, len(c["X_ma"]))
         c = {k: v[:n] for k, v in c.items()}
         t = {k: torch.as_tensor(np.array(c[k], dtype=np.float32))[:, None].to(a.device) for k in NEEDED}
-        x_nmar = torch.as_tensor(nmar_images(c, op, reinsert=False))[:, None].to(a.device)
+        x_nmar = torch.as_tensor(nmar_images(c, op))[:, None].to(a.device)
         mu = norm.image(x_nmar if a.mu == "nmar" else t["X_ma"])
         emb = {k: torch.as_tensor(np.array(c[f"e_image_{k}"], dtype=np.float32)).reshape(n, -1).to(a.device)
                for k in ("content", "control")}
