@@ -27,7 +27,7 @@ from dudocrop.classic.nmar import nmar
 from dudocrop.eval.report import PANEL_LEGEND, comparison_panel, score_rows, summarize, write_tables
 from dudocrop.eval.sweeps import make_sweeps, sweeps_pi
 from dudocrop.metrics.image import body_mask
-from dudocrop.metrics.lpips import LPIPSMetric, LPIPSUnavailable
+from dudocrop.metrics.lpips import LPIPSMetric, LPIPSUnavailable, backbone_note
 from dudocrop.pipeline.ablation import ROWS, TABLE_V, ablation_outputs
 from dudocrop.pipeline.model import PIPELINE_FILE, DuDoCROP, save_pipeline_meta
 from dudocrop.pipeline.osro import OSROConfig
@@ -125,6 +125,7 @@ def run(a: argparse.Namespace) -> dict:
              "reference (dudocrop.metrics.image).", PANEL_LEGEND]
     try:
         lp = LPIPSMetric(a.lpips_weights, device=device)
+        notes.append(backbone_note(lp.weights_path))
     except LPIPSUnavailable as e:
         lp = None
         notes.append(f"LPIPS and PI unavailable: {e}")

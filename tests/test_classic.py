@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from dudocrop.classic import interpolate_trace, kmeans_thresholds, li, nmar, nmar_prior
+from dudocrop.classic import interpolate_trace, kmeans_thresholds, li, nmar, nmar_prior, normalized_interpolation
 from dudocrop.classic.nmar import BONE_MIN_HU
 from dudocrop.ct import FanBeamOperator, hu_to_mu, mu_to_hu
 from dudocrop.ct.trace import metal_trace
@@ -123,6 +123,21 @@ def test_nmar_completes_the_trace_better_than_li_across_bone(case):
     err_li = float((y_li - case["y_ref"])[tr].abs().mean())
     err_nm = float((y_nm - case["y_ref"])[tr].abs().mean())
     assert err_nm < 0.85 * err_li
+
+
+def test_normalized_interpolation_with_the_true_image_as_prior_is_exact(case):
+    # outside the trace the measurement is Y_ref = FP(mu) exactly (the fixture's detector floor left out), so with mu
+    # (metal region included) as the prior the quotient is 1 on every ray and the completion returns Y_ref in the
+    # trace; NMAR's own segmented prior does not
+    tr, y_ref = case["trace"], case["y_ref"]
+    y_in = torch.where(tr, case["y_ma"], y_ref)
+    mu = hu_to_mu(torch.from_numpy(_body_hu(case["op"].geometry))[None, None])
+    y = normalized_interpolation(y_in, tr, mu, case["op"])
+    assert torch.equal(y[~tr], y_in[~tr])
+    err = float((y - y_ref)[tr].abs().max())
+    _, y_nm = nmar(case["y_ma"], case["metal"], case["x_ma"], case["op"], return_sinogram=True)
+    assert err < 1e-3 * float(y_ref[tr].abs().max())
+    assert err < 0.01 * float((y_nm - y_ref)[tr].abs().max())
 
 
 def test_li_and_nmar_are_batched():

