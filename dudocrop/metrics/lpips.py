@@ -95,7 +95,8 @@ def alexnet_weights_path(weights_path: str | os.PathLike | None = None) -> Path:
         if not isinstance(weights_path, str | os.PathLike) or not str(weights_path):
             raise ValueError(f"weights_path must be a path to {ALEXNET_FILENAME} or None, got {weights_path!r}")
         return Path(weights_path).expanduser()
-    own, imported = _checkpoints_dir() / ALEXNET_FILENAME, _checkpoints_dir() / IMPORTED_FILENAME
+    folder = _checkpoints_dir()
+    own, imported = folder / ALEXNET_FILENAME, folder / IMPORTED_FILENAME
     return imported if imported.is_file() and not own.is_file() else own
 
 
