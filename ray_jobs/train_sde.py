@@ -47,6 +47,7 @@ from dudocrop.sde.train import (  # noqa: E402
     sde_model_from_training,
     train_step,
     validate,
+    with_image_mu,
     with_sinogram_mu,
 )
 from dudocrop.train import SliceRows, load_split, unwrap  # noqa: E402
@@ -77,12 +78,14 @@ def train_loop(config: dict) -> None:
     if device.type == "cpu":
         # Several workers share a small node: one intra-op thread each avoids oversubscription.
         torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
-    cols, side = domain_columns(cfg.domain, cfg.use_embeddings, cfg.sinogram_mu)
+    cols, side = domain_columns(cfg.domain, cfg.use_embeddings, cfg.sinogram_mu, cfg.image_mu)
     geometry = geometry_for_data(config["data"])
     norm = Normalization.for_geometry(geometry)  # normalization_for_data without reading the manifest again
 
-    def derive(rows: SliceRows) -> SliceRows:  # the sinogram's NMAR μ, once per slice (with_sinogram_mu)
-        return with_sinogram_mu(rows, cfg.sinogram_mu, geometry) if cfg.domain == "sinogram" else rows
+    def derive(rows: SliceRows) -> SliceRows:  # an NMAR μ, once per slice (with_sinogram_mu, with_image_mu)
+        if cfg.domain == "sinogram":
+            return with_sinogram_mu(rows, cfg.sinogram_mu, geometry)
+        return with_image_mu(rows, cfg.image_mu, geometry) if cfg.domain == "image" else rows
 
     rows = derive(load_split(config["data"], "train", cols, side))
     ctx = embedding_width(rows, cfg.domain) if cfg.use_embeddings else None

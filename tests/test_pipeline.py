@@ -154,3 +154,30 @@ def test_fusion_cache_scores_like_refuse_and_picks_the_better_prior(case, tmp_pa
     best, scores = cache.best(OSROConfig(), grid)
     assert (best.alpha, best.beta) == (0.0, 1.0)
     assert scores["psnr"] > cache.score(OSROConfig(alpha=0.5, beta=0.5))["psnr"] + 3
+
+
+class _Zero(torch.nn.Module):
+    """F̂_0 − μ = 0 under parametrization 'x0': a prior that returns its μ exactly."""
+
+    def forward(self, x_t, mu, t, content=None, control=None):
+        return torch.zeros_like(x_t)
+
+
+def test_image_model_trained_from_nmar_starts_from_the_nmar_image(case):
+    """An image IR-SDE trained with image_mu='nmar' gets NMAR's image (metal put back) as μ at inference too, not
+    X_ma; one trained from X_ma gets X_ma."""
+    from dudocrop.classic.nmar import nmar
+    from dudocrop.sde.config import SDEConfig
+
+    sim, op = case.sim, case.op
+    x0_sde = IRSDE(SDEConfig(parametrization="x0"))
+    image = SDEModel(_Zero(), x0_sde, "image", False, None, image_mu="nmar")
+    pipe = DuDoCROP(GEOM, image, SDEModel(_Zero(), x0_sde, "sinogram", False, None), None, None,
+                    PipelineConfig(steps=2))
+    x, y, mask, trace = pipe.prepare(sim.X_ma, sim.Y_ma, sim.metal_mask, sim.metal_trace)
+    x_prior, _ = pipe.priors(x, y, mask, trace)
+    want = pipe.norm.image(nmar(y, mask > 0.5, x, op, trace=trace))
+    assert torch.allclose(x_prior, want, atol=1e-5)
+    assert not torch.allclose(x_prior, pipe.norm.image(x), atol=1e-2)
+    image.image_mu = "ma"
+    assert torch.allclose(pipe.priors(x, y, mask, trace)[0], pipe.norm.image(x), atol=1e-5)

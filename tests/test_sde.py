@@ -368,3 +368,41 @@ def test_reduced_steps_quality(toy_run):
     p_sde = _psnr(_restore(toy_run, toy_run["net"], sampler="sde"), x0)
     assert p10 > p_input + 2.0 and abs(p10 - p100) < 1.0, (p10, p100, p_input)
     assert p_sde > p_input + 1.0, (p_sde, p_input)
+
+
+def test_loss_weight_restricts_eq9_to_a_region():
+    """``weight``: a weighted mean per sample; pixels of weight 0 do not count, all-ones is the plain loss."""
+    gen = torch.Generator().manual_seed(11)
+    x0, mu = torch.rand(2, 1, 8, 8, generator=gen), torch.rand(2, 1, 8, 8, generator=gen)
+    t = torch.tensor([10, 60])
+    xt = SDE.q_sample(x0, mu, t, generator=gen)
+    pred = torch.randn(2, 1, 8, 8, generator=gen)
+    w = torch.zeros(2, 1, 8, 8)
+    w[..., :4, :] = 1
+    other = pred.clone()
+    other[..., 4:, :] += 5.0  # changed only where the weight is 0
+    assert math.isclose(float(SDE.loss(pred, xt, x0, mu, t, weight=w)), float(SDE.loss(other, xt, x0, mu, t, weight=w)),
+                        rel_tol=1e-6)
+    assert float(SDE.loss(other, xt, x0, mu, t)) > float(SDE.loss(pred, xt, x0, mu, t))
+    assert math.isclose(float(SDE.loss(pred, xt, x0, mu, t, weight=torch.ones_like(w))),
+                        float(SDE.loss(pred, xt, x0, mu, t)), rel_tol=1e-6)
+
+
+def test_input_standardisation_is_the_same_network_on_rescaled_inputs():
+    """in_offset / in_scale: the network sees cat[(F_t − μ)·s, (μ − o)·s] and returns output / s, i.e. exactly the
+    plain network applied to μ' = (μ − o)·s, F_t' = μ' + (F_t − μ)·s, its output divided by s."""
+    gen = torch.Generator().manual_seed(12)
+    x, mu = torch.rand(2, 1, 24, 24, generator=gen), torch.rand(2, 1, 24, 24, generator=gen)
+    c = torch.randn(2, 512, generator=gen)
+    plain = build_unet("tiny")
+    for p in plain.final_conv.parameters():  # a non-zero output layer, so the division shows
+        torch.nn.init.normal_(p, std=0.1, generator=gen)
+    s, o = 20.0, 0.25
+    scaled = build_unet("tiny", in_scale=s, in_offset=o)
+    scaled.load_state_dict(plain.state_dict())
+    mu_s = (mu - o) * s
+    want = plain(mu_s + (x - mu) * s, mu_s, 7, content=c, control=c) / s
+    assert torch.allclose(scaled(x, mu, 7, content=c, control=c), want, atol=1e-6)
+    assert not torch.allclose(plain(x, mu, 7, content=c, control=c), want, atol=1e-3)
+    with pytest.raises(ValueError, match="in_scale must be a positive"):
+        get_unet_config("tiny", in_scale=0.0)

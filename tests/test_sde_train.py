@@ -162,6 +162,82 @@ def test_sinogram_mu_nmar_is_classic_nmar_computed_once_per_slice(data):
         make_batch(rows.take([0]), "sinogram", norm, None, np.random.default_rng(0), False, sino_mu="nmar")
 
 
+def test_image_mu_nmar_is_the_nmar_image_with_the_metal_put_back(data):
+    """``image_mu='nmar'``: μ is classic NMAR's image with X_ma's metal reinserted (the NMAR row of the report),
+    precomputed by with_image_mu; batches read it and refuse without it."""
+    from dudocrop.classic.nmar import nmar
+    from dudocrop.ct.operators import FanBeamOperator
+    from dudocrop.sde.train import IMAGE_MU_COLUMN, geometry_for_data, image_mu, with_image_mu
+
+    cols, side = domain_columns("image", False, image_mu="nmar")
+    assert {"Y_ma", "metal_trace"} <= set(cols)
+    rows = load_split(data, "val", cols, side)
+    c = rows.columns
+    op = FanBeamOperator(geometry_for_data(data))
+    t4 = lambda k: torch.from_numpy(np.array(c[k], np.float32)[:, None])  # noqa: E731
+    want = nmar(t4("Y_ma"), t4("metal_mask") > 0.5, t4("X_ma"), op, trace=t4("metal_trace") > 0.5)[:, 0].numpy()
+    got = with_image_mu(rows, "nmar", op, batch=3)
+    assert np.allclose(got.columns[IMAGE_MU_COLUMN], want, atol=1e-3)
+    metal = np.asarray(c["metal_mask"]) > 0.5
+    assert metal.any() and np.array_equal(got.columns[IMAGE_MU_COLUMN][metal], np.asarray(c["X_ma"])[metal])
+    assert np.abs(want - np.asarray(c["X_ma"]))[~metal].max() > 50  # the streaks are gone, so μ is not X_ma
+    assert torch.allclose(image_mu(t4("X_ma"), t4("Y_ma"), t4("metal_mask"), t4("metal_trace"), "nmar", op)[:, 0],
+                          torch.from_numpy(want), atol=1e-3)
+    assert with_image_mu(rows, "ma", op) is rows
+    norm = normalization_for_data(data)
+    b = make_batch(got.take([0, 1]), "image", norm, None, np.random.default_rng(0), False, image_mu="nmar")
+    assert torch.allclose(b["mu"][:, 0], norm.image(torch.from_numpy(want[:2])), atol=1e-6)
+    with pytest.raises(ValueError, match="precomputed 'X_mu' column"):
+        make_batch(rows.take([0]), "image", norm, None, np.random.default_rng(0), False, image_mu="nmar")
+    with pytest.raises(ValueError, match="image_mu must be one of"):
+        image_mu(t4("X_ma"), t4("Y_ma"), t4("metal_mask"), t4("metal_trace"), "li", op)
+
+
+def test_body_loss_region_weights_the_body_outside_the_metal(data):
+    """``loss_region='body'``: the batch's weight is 1 inside the reference's body (as the metrics find it) outside
+    the metal, 0 elsewhere; it rides through the same crop and rotation as the images without changing them."""
+    from dudocrop.metrics.image import body_mask
+
+    rows, norm = _rows(data, "image", emb=False), normalization_for_data(data)
+    sub = rows.take([0, 1, 2])
+    b = make_batch(sub, "image", norm, None, np.random.default_rng(0), False, loss_region="body")
+    ref = torch.from_numpy(np.array(sub["X_ref"], np.float32)[:, None])
+    want = body_mask(ref) & (b["mask"] <= 0.5)
+    assert torch.equal(b["weight"] > 0.5, want) and 0 < float(b["weight"].mean()) < 1
+    crop = CropSpec(24, 24)
+    bw = make_batch(sub, "image", norm, crop, np.random.default_rng(3), False, loss_region="body")
+    ba = make_batch(sub, "image", norm, crop, np.random.default_rng(3), False)
+    for k in ("mu", "x0", "mask"):
+        assert torch.equal(bw[k], ba[k]), k
+    assert "weight" not in ba and not bool(((bw["weight"] > 0) & (bw["mask"] > 0.5)).any())
+    with pytest.raises(ValueError, match="image region"):
+        make_batch(_rows(data, "sinogram", emb=False).take([0]), "sinogram", norm, None, np.random.default_rng(0),
+                   False, loss_region="body")
+    with pytest.raises(ValueError, match="image region"):
+        get_train_config("tiny", domain="sinogram", loss_region="body")
+
+
+def test_input_standardisation_reaches_the_unet_and_needs_the_x0_output():
+    """``input_scale`` sets the U-Net's in_scale with in_offset at the domain's neutral level (water, 0.5, 0); it
+    divides the output, so only the x0 parametrization (a correction) may use it."""
+    from dudocrop.data.normalize import neutral_level
+
+    cfg = get_train_config("tiny", parametrization="x0", input_scale=20)
+    u = cfg.unet_config(EMB_DIM)
+    assert u.in_scale == 20 and u.in_offset == pytest.approx(float(Normalization.for_geometry("small").image(0.0)))
+    assert get_train_config("tiny", domain="residual", parametrization="x0", input_scale=20).unet_config().in_offset \
+        == neutral_level("residual") == 0.5
+    assert get_train_config("tiny").unet_config(EMB_DIM).in_scale == 1
+    with pytest.raises(ValueError, match="needs parametrization='x0'"):
+        get_train_config("tiny", input_scale=20)
+    with pytest.raises(ValueError, match="input_scale must be a positive"):
+        get_train_config("tiny", parametrization="x0", input_scale=0)
+    with pytest.raises(ValueError, match="sample_tile must be None or an int > 32"):
+        get_train_config("tiny", sample_tile=32)
+    with pytest.raises(ValueError, match="image_mu must be one of"):
+        get_train_config("tiny", image_mu="li")
+
+
 # ---- model file ------------------------------------------------------------------------------------------------
 def test_save_load_round_trip_is_exact(tmp_path):
     cfg = get_train_config("tiny", context_dim=EMB_DIM)
@@ -190,6 +266,19 @@ def test_save_load_round_trip_is_exact(tmp_path):
                            {"domain": "sinogram", "train_config": scfg.to_dict()}, normalization=norm)
     sm = load_sde_model(spath)
     assert sm.domain == "sinogram" and sm.sinogram_mu == scfg.sinogram_mu == "li"
+    assert m.image_mu == "ma" and m.tile is None
+    # an image model keeps its μ and sampling window; restore then samples in that window by default
+    icfg = get_train_config("tiny", context_dim=EMB_DIM, image_mu="nmar", sample_tile=48)
+    ipath = save_sde_model(str(tmp_path / "sde_image_nmar.pt"), unet, ema,
+                           {"domain": "image", "train_config": icfg.to_dict()}, normalization=norm)
+    im = load_sde_model(ipath)
+    assert im.image_mu == "nmar" and im.tile == 48
+    mu = torch.rand(1, 1, 80, 80)
+
+    def run(**kw):
+        return im.restore(mu, c, c, steps=2, generator=torch.Generator().manual_seed(0), **kw)
+
+    assert torch.equal(run(), run(tile=48)) and not torch.allclose(run(), run(tile=80), atol=1e-4)
 
 
 # ---- exact resume in the pure-torch step -----------------------------------------------------------------------

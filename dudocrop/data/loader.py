@@ -31,7 +31,8 @@ class CropSpec:
 
 def augment(mu: np.ndarray, x0: np.ndarray, extra: np.ndarray, domain: str, crop: CropSpec,
             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One random crop (+ rotation/flip for images) applied identically to input, target and mask (H, W)."""
+    """One random crop (+ rotation/flip for images) applied identically to input, target (H, W) and ``extra``
+    (H, W) or (H, W, K): masks or loss weights riding along."""
     h, w = mu.shape
     ch, cw = min(crop.height, h), min(crop.width, w)
     if domain == "image":

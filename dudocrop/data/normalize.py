@@ -66,3 +66,16 @@ def _clip01(x):
     if isinstance(x, torch.Tensor):
         return x.clamp(0.0, 1.0)
     return np.clip(x, 0.0, 1.0)
+
+
+def neutral_level(domain: str) -> float:
+    """The [0, 1] value of "nothing there" in a domain, the centre a network's inputs are standardised around:
+    water for images (the same for every geometry: mu_max does not depend on it), no difference (0.5) for
+    residuals, no attenuation (0) for sinograms."""
+    if domain == "image":
+        return float(hu_to_mu(0.0) / hu_to_mu(HU_MAX))
+    if domain == "residual":
+        return 0.5
+    if domain == "sinogram":
+        return 0.0
+    raise ValueError(f"domain must be 'image', 'sinogram' or 'residual', got {domain!r}")

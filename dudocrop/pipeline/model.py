@@ -28,7 +28,7 @@ from dudocrop.data.clinical import METAL_THRESHOLD_HU
 from dudocrop.data.normalize import Normalization
 from dudocrop.metrics.image import body_mask
 from dudocrop.pipeline.osro import OSROConfig, OSROResult, fuse, osro, sinogram_prior
-from dudocrop.sde.train import sinogram_mu
+from dudocrop.sde.train import image_mu, sinogram_mu
 
 #: file names inside a model folder (what train_all writes and the MLflow run logs under ``models/``).
 MODEL_FILES = {"clip": "dudoclip.pt", "image": "sde_image.pt", "sinogram": "sde_sinogram.pt",
@@ -217,7 +217,10 @@ class DuDoCROP:
         """The DAPG stage: ε2(X_ma) and ε1(Y_ma) in normalised units (None for a domain this config skips)."""
         emb = self.embeddings(x_ma_hu, y_ma)
         dom = self.config.domains
-        x_prior = self._sample("image", self.norm.image(x_ma_hu), emb.get("image"), 1) if dom != "sinogram" else None
+        x_prior = None
+        if dom != "sinogram":  # μ as the image model was trained: X_ma or the NMAR image (IMAGE_MU)
+            x_mu = image_mu(x_ma_hu, y_ma, metal_mask, trace, self.models["image"].image_mu, self.op)
+            x_prior = self._sample("image", self.norm.image(x_mu), emb.get("image"), 1)
         y_prior = None
         if dom != "image":  # μ as the sinogram model was trained: Y_ma or its LI / NMAR completion (SINOGRAM_MU)
             y_mu = sinogram_mu(y_ma, trace, self.models["sinogram"].sinogram_mu, x_ma=x_ma_hu, metal_mask=metal_mask,

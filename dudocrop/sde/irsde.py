@@ -197,7 +197,8 @@ class IRSDE:
 
     # ---- Eq. 9: loss --------------------------------------------------------------------------------------------
     def loss(self, noise_pred: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, mu: torch.Tensor, t,
-             eta: torch.Tensor | None = None, form: LossForm = "sde") -> torch.Tensor:
+             eta: torch.Tensor | None = None, form: LossForm = "sde", weight: torch.Tensor | None = None
+             ) -> torch.Tensor:
         """L_ε (Eq. 9): η_t · mean |F_t − (dF_t)_ε̂ − F*_{t−1}|, averaged over the batch.
 
         ``form='sde'`` (the paper's): the one-step reverse mean is the Euler-Maruyama step of Eq. 5 with the score
@@ -205,7 +206,9 @@ class IRSDE:
         loss's minimiser differs from ε by up to ≈2.5 % at t = T (cosine, T = 100); see ``eq9_optimal_noise``.
         ``form='posterior'``: the one-step mean is Eq. 8 with F_0 replaced by F̂_0(ε̂), the same step the
         "posterior" sampler takes; it is zero exactly for the true ε (a t-weighted L1 on the noise).
-        ``eta`` (N,) are the η_{t_i} > 0 of Eq. 9 (default 1).
+        ``eta`` (N,) are the η_{t_i} > 0 of Eq. 9 (default 1). ``weight`` (shaped like ``x0``, >= 0) turns each
+        sample's mean into a weighted mean (a region such as the body outside the metal; a sample with no weight
+        contributes 0).
         """
         _same_shape(noise_pred=noise_pred, x_t=x_t, x0=x0, mu=mu)
         if form == "sde":
@@ -214,7 +217,12 @@ class IRSDE:
             pred = self.optimal_prev(x_t, self.x0_from_noise(x_t, mu, t, noise_pred), mu, t)
         else:
             raise ValueError(f"form must be 'sde' or 'posterior', got {form!r}")
-        per_sample = (pred - self.optimal_prev(x_t, x0, mu, t)).abs().flatten(1).mean(1)
+        err = (pred - self.optimal_prev(x_t, x0, mu, t)).abs()
+        if weight is None:
+            per_sample = err.flatten(1).mean(1)
+        else:
+            weight = check_tensor(weight, "weight", shape=tuple(x0.shape), finite=False).to(err)
+            per_sample = (err * weight).flatten(1).sum(1) / weight.flatten(1).sum(1).clamp(min=1e-12)
         if eta is not None:
             eta = check_tensor(eta, "eta", shape=(x_t.shape[0],), finite=False)
             per_sample = per_sample * eta.to(per_sample)
@@ -230,9 +238,9 @@ class IRSDE:
 
     def training_loss(self, model: NoiseModel, x0: torch.Tensor, mu: torch.Tensor, content=None, control=None, *,
                       t=None, generator: torch.Generator | None = None, eta: torch.Tensor | None = None,
-                      form: LossForm = "sde") -> torch.Tensor:
+                      form: LossForm = "sde", weight: torch.Tensor | None = None) -> torch.Tensor:
         """One training objective evaluation: t ~ U{1..T}, F_t from Eq. 6, ε̂ = model(F_t, μ, t, e^{I1}, e^{I2}),
-        L_ε of Eq. 9. ``generator`` (on x0's device) drives t and ε."""
+        L_ε of Eq. 9 (``weight``: see :meth:`loss`). ``generator`` (on x0's device) drives t and ε."""
         x0 = check_tensor(x0, "x0", finite=False)
         mu = check_tensor(mu, "mu", finite=False)
         _same_shape(x0=x0, mu=mu)
@@ -242,7 +250,7 @@ class IRSDE:
         t = self._index(t, n, x0.device, low=1)
         x_t = self.q_sample(x0, mu, t, generator=generator)
         noise_pred = self.noise_of(model(x_t, mu, t.to(x0.dtype), content=content, control=control), x_t, mu, t)
-        return self.loss(noise_pred, x_t, x0, mu, t, eta=eta, form=form)
+        return self.loss(noise_pred, x_t, x0, mu, t, eta=eta, form=form, weight=weight)
 
     # ---- sampling -----------------------------------------------------------------------------------------------
     def timesteps(self, steps: int | None = None) -> list[int]:

@@ -35,7 +35,7 @@ from torch import nn
 
 from dudocrop.atomic import torch_save
 from dudocrop.data.loader import CropSpec, augment
-from dudocrop.data.normalize import Normalization
+from dudocrop.data.normalize import Normalization, neutral_level
 from dudocrop.sde.config import SDEConfig, UNetConfig, get_sde_config, get_unet_config
 from dudocrop.sde.irsde import IRSDE
 from dudocrop.sde.unet import ConditionalUNet
@@ -73,6 +73,20 @@ SINOGRAM_MU: tuple[str, ...] = ("ma", "li", "nmar")
 #: the precomputed μ of the sinogram domain in line integrals (:func:`with_sinogram_mu`)
 SINOGRAM_MU_COLUMN = "Y_mu"
 
+#: The image IR-SDE's μ:
+#: * ``ma``: X_ma, the paper's ε2(X_ma) (Eq. 12).
+#: * ``nmar``: NMAR's image with the metal of X_ma put back (as the NMAR baseline reports it), so the network sees
+#:   where the metal is and only corrects NMAR's residual streaks. On small's val slices the tiny U-Net trained
+#:   from X_ma stayed 7.5 dB under NMAR (35.4 vs 43.0 dB on test); a regression from this μ (1500 steps,
+#:   standardised inputs, loss on the body outside the metal, bench/prior_ceiling.py) ended 0.53 dB above NMAR.
+#:   Computed once per slice (:func:`with_image_mu`).
+IMAGE_MU: tuple[str, ...] = ("ma", "nmar")
+#: the precomputed μ of the image domain in HU (:func:`with_image_mu`)
+IMAGE_MU_COLUMN = "X_mu"
+#: Where the Eq. 9 loss is averaged: ``all`` pixels (the paper), or ``body``: inside the reference's body outside
+#: the metal, the region every image metric scores (metal pixels are replaced by X_ma's in the output anyway).
+LOSS_REGIONS: tuple[str, ...] = ("all", "body")
+
 #: Shard columns and sidecar columns of each domain: (μ source, F_0 source, mask) and the embeddings.
 _SOURCES = {"image": ("X_ma", "X_ref", "metal_mask"), "sinogram": ("Y_ma", "Y_ref", "metal_trace"),
             "residual": ("X_p", "X_ref", "metal_mask")}
@@ -109,6 +123,15 @@ class SDETrainConfig:
     # The sinogram domain's degraded state μ: the measured Y_ma (paper Eq. 10, ε1(Y_ma)) or its LI or NMAR
     # completion across the metal trace M_s ("li", "nmar", see SINOGRAM_MU). Other domains ignore it.
     sinogram_mu: Literal["ma", "li", "nmar"] = "ma"
+    image_mu: Literal["ma", "nmar"] = "ma"  # the image domain's μ (IMAGE_MU)
+    loss_region: Literal["all", "body"] = "all"  # LOSS_REGIONS; body needs the image or residual domain
+    # UNetConfig.in_scale (with in_offset at the domain's zero: water for images, 0.5 for residuals, 0 for
+    # sinograms); 1: the [0, 1] values as they are
+    input_scale: float = 1.0
+    # sample in windows of this size (IRSDE.sample_tiled) by default: a U-Net trained on crops sees whole slices
+    # differently (GroupNorm statistics and the linear attention span the whole input); measured with the
+    # regression probe of IMAGE_MU: +0.23 dB over NMAR on whole 128² slices, +0.53 dB in 64² windows
+    sample_tile: int | None = None
     grad_clip: float | None = None
     checkpoint_every: int = 1000
     validate_every: int = 5000  # 0: never
@@ -143,6 +166,21 @@ class SDETrainConfig:
             raise ValueError(f"SDETrainConfig.ema_decay must lie in [0, 1), got {self.ema_decay!r}")
         if self.sinogram_mu not in SINOGRAM_MU:
             raise ValueError(f"SDETrainConfig.sinogram_mu must be one of {SINOGRAM_MU}, got {self.sinogram_mu!r}")
+        if self.image_mu not in IMAGE_MU:
+            raise ValueError(f"SDETrainConfig.image_mu must be one of {IMAGE_MU}, got {self.image_mu!r}")
+        if self.loss_region not in LOSS_REGIONS:
+            raise ValueError(f"SDETrainConfig.loss_region must be one of {LOSS_REGIONS}, got {self.loss_region!r}")
+        if self.loss_region == "body" and self.domain == "sinogram":
+            raise ValueError("SDETrainConfig.loss_region='body' is an image region; the sinogram domain takes 'all'")
+        if not (isinstance(self.input_scale, int | float) and 0 < self.input_scale < float("inf")):
+            raise ValueError(f"SDETrainConfig.input_scale must be a positive finite number, got {self.input_scale!r}")
+        if self.input_scale != 1 and self.parametrization != "x0":
+            raise ValueError("SDETrainConfig.input_scale != 1 divides the U-Net's output by it: a correction, so it "
+                             "needs parametrization='x0'")
+        if self.sample_tile is not None and (isinstance(self.sample_tile, bool) or not isinstance(
+                self.sample_tile, int) or self.sample_tile <= 32):
+            raise ValueError(f"SDETrainConfig.sample_tile must be None or an int > 32 (windows overlap by 32), got "
+                             f"{self.sample_tile!r}")
         if self.loss_form not in ("sde", "posterior"):
             raise ValueError(f"SDETrainConfig.loss_form must be 'sde' or 'posterior', got {self.loss_form!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
@@ -150,6 +188,8 @@ class SDETrainConfig:
 
     def unet_config(self, context_dim: int | None = None) -> UNetConfig:
         over = {"use_embeddings": self.use_embeddings}
+        if self.input_scale != 1:
+            over.update(in_scale=float(self.input_scale), in_offset=neutral_level(self.domain))
         dim = self.context_dim or context_dim
         if dim is not None:
             over["context_dim"] = dim
@@ -226,15 +266,17 @@ def _check_domain(domain: str) -> None:
         raise ValueError(f"domain must be one of {SDE_DOMAINS}, got {domain!r}")
 
 
-def domain_columns(domain: str, use_embeddings: bool, sino_mu: str = "ma") -> tuple[list[str], dict[str, list[str]]]:
+def domain_columns(domain: str, use_embeddings: bool, sino_mu: str = "ma", image_mu: str = "ma"
+                   ) -> tuple[list[str], dict[str, list[str]]]:
     """(shard columns, {sidecar kind: columns}) that ``load_split`` must read for a domain.
 
     The image and residual domains also read the sinogram-free columns they score with (X_ma for the input PSNR,
-    metal_mask to exclude the metal); the sinogram domain reads Y_ma / Y_ref / metal_trace (the LI comparison),
-    and X_ma / metal_mask when its μ is ``nmar``."""
+    metal_mask to exclude the metal), and the image domain Y_ma / metal_trace when its μ is ``nmar``; the
+    sinogram domain reads Y_ma / Y_ref / metal_trace (the LI comparison), and X_ma / metal_mask when its μ is
+    ``nmar``."""
     _check_domain(domain)
     if domain == "image":
-        cols, side = ["X_ma", "X_ref", "metal_mask"], {}
+        cols, side = ["X_ma", "X_ref", "metal_mask"] + (["Y_ma", "metal_trace"] if image_mu == "nmar" else []), {}
     elif domain == "sinogram":
         cols, side = ["Y_ma", "Y_ref", "metal_trace"] + (["X_ma", "metal_mask"] if sino_mu == "nmar" else []), {}
     else:
@@ -279,7 +321,7 @@ def sinogram_mu(y_ma, trace, source: str, *, x_ma=None, metal_mask=None, op=None
         x = torch.as_tensor(np.array(x_ma, dtype=np.float32) if as_numpy else x_ma, device=y.device)
         m = torch.as_tensor(np.asarray(metal_mask) if as_numpy else metal_mask, device=y.device) > 0.5
         x4, m4 = (x[:, None], m[:, None]) if x.ndim == 3 else (x, m)
-        out = nmar(y4, m4, x4.float(), op, trace=t4, return_sinogram=True)[1].to(y.dtype)
+        out = nmar(y4, m4, x4.float(), _operator(op), trace=t4, return_sinogram=True)[1].to(y.dtype)
     out = out[:, 0] if squeeze else out
     return out.numpy() if as_numpy else out
 
@@ -290,26 +332,64 @@ def with_sinogram_mu(rows: SliceRows, source: str, op, batch: int = 16) -> Slice
     returned unchanged (μ is cheap to compute per batch). ``op``: the CT operator or geometry of the data."""
     if source in ("ma", "li"):
         return rows
+    op = _operator(op)  # built once for all batches
+    return _with_column(rows, SINOGRAM_MU_COLUMN, batch, lambda c, sl: sinogram_mu(
+        _column(c, "Y_ma")[sl], _column(c, "metal_trace")[sl], source, x_ma=_column(c, "X_ma")[sl],
+        metal_mask=_column(c, "metal_mask")[sl], op=op))
+
+
+def image_mu(x_ma, y_ma, metal_mask, trace, source: str, op):
+    """The image IR-SDE's μ in HU (:data:`IMAGE_MU`), torch (N, 1, H, W) or numpy (N, H, W) like ``x_ma``:
+    ``x_ma`` itself, or NMAR's image of ``y_ma`` (sinograms shaped like ``trace``) with the metal put back."""
+    if source not in IMAGE_MU:
+        raise ValueError(f"image_mu must be one of {IMAGE_MU}, got {source!r}")
+    if source == "ma":
+        return x_ma
+    from dudocrop.classic.nmar import nmar
+
+    as_numpy = not isinstance(x_ma, torch.Tensor)
+    t = (lambda a: torch.as_tensor(np.array(a, dtype=np.float32))[:, None]) if as_numpy else (lambda a: a.float())
+    out = nmar(t(y_ma), t(metal_mask) > 0.5, t(x_ma), _operator(op), trace=t(trace) > 0.5)
+    return out[:, 0].numpy() if as_numpy else out.to(x_ma.dtype)
+
+
+def with_image_mu(rows: SliceRows, source: str, op, batch: int = 16) -> SliceRows:
+    """``rows`` with the column :data:`IMAGE_MU_COLUMN` (HU) when the image μ is ``nmar``, computed once per
+    slice; ``ma`` rows are returned unchanged."""
+    if source == "ma":
+        return rows
+    op = _operator(op)
+    return _with_column(rows, IMAGE_MU_COLUMN, batch, lambda c, sl: image_mu(
+        _column(c, "X_ma")[sl], _column(c, "Y_ma")[sl], _column(c, "metal_mask")[sl], _column(c, "metal_trace")[sl],
+        source, op))
+
+
+def _operator(op):
     from dudocrop.ct.operators import FanBeamOperator
 
-    op = op if isinstance(op, FanBeamOperator) else FanBeamOperator(op)  # built once for all batches
+    return op if isinstance(op, FanBeamOperator) else FanBeamOperator(op)
+
+
+def _with_column(rows: SliceRows, name: str, batch: int, compute) -> SliceRows:
+    """``rows`` plus column ``name``: ``compute(columns, slice)`` over batches of rows, concatenated."""
     cols = rows.columns
-    n = len(cols["Y_ma"])
-    parts = []
-    for i in range(0, n, batch):
-        sl = slice(i, i + batch)
-        parts.append(sinogram_mu(_column(cols, "Y_ma")[sl], _column(cols, "metal_trace")[sl], source,
-                                 x_ma=_column(cols, "X_ma")[sl], metal_mask=_column(cols, "metal_mask")[sl], op=op))
-    return SliceRows({**cols, SINOGRAM_MU_COLUMN: np.concatenate(parts)}, rows.shard_of_row)
+    n = len(next(iter(cols.values())))
+    parts = [compute(cols, slice(i, i + batch)) for i in range(0, n, batch)]
+    return SliceRows({**cols, name: np.concatenate(parts)}, rows.shard_of_row)
 
 
-def to_unit_pair(rows: Mapping, domain: str, norm: Normalization, sino_mu: str = "ma"
+def to_unit_pair(rows: Mapping, domain: str, norm: Normalization, sino_mu: str = "ma", image_mu: str = "ma"
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Full-size (μ, F_0, mask) in [0, 1] (N, H, W) of a domain, before cropping; ``sino_mu`` is the sinogram
-    domain's μ (:data:`SINOGRAM_MU`)."""
+    """Full-size (μ, F_0, mask) in [0, 1] (N, H, W) of a domain, before cropping; ``sino_mu`` / ``image_mu`` are
+    the sinogram / image domain's μ (:data:`SINOGRAM_MU`, :data:`IMAGE_MU`; ``nmar`` reads the precomputed
+    column)."""
     _check_domain(domain)
     if domain == "image":
-        mu, x0 = norm.image(_column(rows, "X_ma")), norm.image(_column(rows, "X_ref"))
+        if image_mu == "nmar" and IMAGE_MU_COLUMN not in rows:
+            raise ValueError(f"image_mu='nmar' needs the rows' precomputed {IMAGE_MU_COLUMN!r} column "
+                             "(with_image_mu)")
+        mu = norm.image(_column(rows, IMAGE_MU_COLUMN if image_mu == "nmar" else "X_ma"))
+        x0 = norm.image(_column(rows, "X_ref"))
         mask = _column(rows, "metal_mask")
     elif domain == "sinogram":
         mask = _column(rows, "metal_trace")
@@ -342,18 +422,36 @@ def _embeddings(rows: Mapping, domain: str, n: int, context_dim: int | None) -> 
 
 
 def make_batch(rows: Mapping, domain: str, norm: Normalization, crop: CropSpec | None, rng: np.random.Generator,
-               use_embeddings: bool, context_dim: int | None = None, sino_mu: str = "ma") -> dict[str, torch.Tensor]:
-    """One training batch ``{"mu", "x0", "mask"[, "content", "control"]}``: float32 (N, 1, h, w) in [0, 1],
-    embeddings (N, D). ``crop`` (None: full size) is applied identically to μ, F_0 and the mask with ``rng``:
-    random crops + rotations / flips for image and residual, crops along the periodic views for sinograms
-    (paper §IV-B, ``dudocrop.data.loader.augment``)."""
-    mu, x0, mask = to_unit_pair(rows, domain, norm, sino_mu)
+               use_embeddings: bool, context_dim: int | None = None, sino_mu: str = "ma", image_mu: str = "ma",
+               loss_region: str = "all") -> dict[str, torch.Tensor]:
+    """One training batch ``{"mu", "x0", "mask"[, "weight"][, "content", "control"]}``: float32 (N, 1, h, w) in
+    [0, 1], embeddings (N, D). ``crop`` (None: full size) is applied identically to μ, F_0, the mask and the
+    weight with ``rng``: random crops + rotations / flips for image and residual, crops along the periodic views
+    for sinograms (paper §IV-B, ``dudocrop.data.loader.augment``). ``loss_region='body'`` adds the Eq. 9 loss
+    weight (:data:`LOSS_REGIONS`), found on the whole slice before cropping."""
+    if loss_region not in LOSS_REGIONS:
+        raise ValueError(f"loss_region must be one of {LOSS_REGIONS}, got {loss_region!r}")
+    mu, x0, mask = to_unit_pair(rows, domain, norm, sino_mu, image_mu)
+    extra = mask
+    if loss_region == "body":
+        if domain == "sinogram":
+            raise ValueError("loss_region='body' is an image region; the sinogram domain takes 'all'")
+        from dudocrop.ct.phantoms import body_mask
+        from dudocrop.metrics.image import BODY_THRESHOLD_HU
+
+        weight = np.stack([body_mask(r, BODY_THRESHOLD_HU) & (m <= 0.5)
+                           for r, m in zip(_column(rows, "X_ref"), mask)]).astype(np.float32)
+        extra = np.stack([mask, weight], axis=-1)
     if crop is not None:
         kind = "sinogram" if domain == "sinogram" else "image"
-        mus, x0s, ms = zip(*(augment(m, x, k, kind, crop, rng) for m, x, k in zip(mu, x0, mask)))
-        mu, x0, mask = np.stack(mus), np.stack(x0s), np.stack(ms)
-    out = {"mu": torch.from_numpy(mu[:, None].copy()), "x0": torch.from_numpy(x0[:, None].copy()),
-           "mask": torch.from_numpy(mask[:, None].copy())}
+        mus, x0s, es = zip(*(augment(m, x, k, kind, crop, rng) for m, x, k in zip(mu, x0, extra)))
+        mu, x0, extra = np.stack(mus), np.stack(x0s), np.stack(es)
+    out = {"mu": torch.from_numpy(mu[:, None].copy()), "x0": torch.from_numpy(x0[:, None].copy())}
+    if loss_region == "body":
+        out["mask"] = torch.from_numpy(extra[:, None, ..., 0].copy())
+        out["weight"] = torch.from_numpy(extra[:, None, ..., 1].copy())
+    else:
+        out["mask"] = torch.from_numpy(extra[:, None].copy())
     if use_embeddings:
         out["content"], out["control"] = _embeddings(rows, domain, len(mu), context_dim)
     return out
@@ -375,18 +473,21 @@ def sde_train_step(model: nn.Module, sde: IRSDE, optimizer: torch.optim.Optimize
     """One optimiser step on the Eq. 9 loss (Eq. 16 for the residual domain): t ~ U{1..T}, F_t from Eq. 6,
     ε̂ = model(F_t, μ, t, e^{I1}, e^{I2}), L1 between the one-step reverse mean and F*_{t−1} (Eq. 8), η = 1 (§III-C).
 
-    ``batch`` holds ``mu`` and ``x0`` (N, 1, h, w) and, when the U-Net uses them, ``content`` / ``control``
-    (N, D); tensors are moved to the model's device. On CUDA the forward runs under bf16 autocast (the schedule's
-    coefficients stay float32/64); on CPU everything is float32. Returns the loss as a float."""
+    ``batch`` holds ``mu`` and ``x0`` (N, 1, h, w), optionally the loss ``weight`` (LOSS_REGIONS) and, when the
+    U-Net uses them, ``content`` / ``control`` (N, D); tensors are moved to the model's device. On CUDA the
+    forward runs under bf16 autocast (the schedule's coefficients stay float32/64); on CPU everything is float32.
+    Returns the loss as a float."""
     for k in ("mu", "x0"):
         if k not in batch:
             raise ValueError(f"batch must hold {k!r} (got keys {sorted(batch)})")
     device = next(unwrap(model).parameters()).device
     x0, mu = batch["x0"].to(device, non_blocking=True), batch["mu"].to(device, non_blocking=True)
     content, control = (batch[k].to(device) if batch.get(k) is not None else None for k in ("content", "control"))
+    weight = batch["weight"].to(device) if batch.get("weight") is not None else None
     model.train()
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        loss = sde.training_loss(model, x0, mu, content, control, generator=generator, form=loss_form)
+        loss = sde.training_loss(model, x0, mu, content, control, generator=generator, form=loss_form,
+                                 weight=weight)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"IR-SDE loss is {loss.item()}: lower the learning rate or check the inputs")
     optimizer.zero_grad(set_to_none=True)
@@ -422,7 +523,8 @@ def train_step(model: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer, sde
     idx = batch_indices(len(rows), cfg.batch_size, step, cfg.seed, rank, world)
     ctx = unwrap(model).config.context_dim if cfg.use_embeddings else None
     batch = make_batch(rows.take(idx), cfg.domain, norm, CropSpec(cfg.patch, cfg.patch),
-                       step_rng(cfg.seed, step, rank), cfg.use_embeddings, ctx, cfg.sinogram_mu)
+                       step_rng(cfg.seed, step, rank), cfg.use_embeddings, ctx, cfg.sinogram_mu, cfg.image_mu,
+                       cfg.loss_region)
     device = next(unwrap(model).parameters()).device
     loss = sde_train_step(model, sde, optimizer, batch, generator=step_generator(cfg.seed, step, rank, device),
                           loss_form=cfg.loss_form, grad_clip=cfg.grad_clip)
@@ -457,6 +559,8 @@ class SDEModel:
     normalization: Normalization | None
     meta: dict = field(default_factory=dict)
     sinogram_mu: str = "ma"  # the sinogram domain's μ (SINOGRAM_MU), as trained
+    image_mu: str = "ma"  # the image domain's μ (IMAGE_MU), as trained
+    tile: int | None = None  # restore's default window (SDETrainConfig.sample_tile); None: whole inputs
 
     def _norm(self) -> Normalization:
         if self.normalization is None:
@@ -476,10 +580,13 @@ class SDEModel:
     def restore(self, mu_unit: torch.Tensor, content=None, control=None, *, steps: int | None = None,
                 generator: torch.Generator | None = None, tile: int | None = None, overlap: int = 32,
                 **kw) -> torch.Tensor:
-        """F̂_0 in [0, 1] from μ in [0, 1] (N, 1, H, W): ``IRSDE.sample`` (or ``sample_tiled`` with ``tile``), each
-        F̂_0 clipped to [0, 1], the range every domain is normalised to."""
+        """F̂_0 in [0, 1] from μ in [0, 1] (N, 1, H, W): ``IRSDE.sample`` (or ``sample_tiled`` with ``tile``, by
+        default the model's own when μ is larger), each F̂_0 clipped to [0, 1], the range every domain is
+        normalised to."""
         if not self.use_embeddings:
             content = control = None
+        if tile is None and self.tile is not None and max(mu_unit.shape[-2:]) > self.tile:
+            tile = self.tile
         if tile is None:
             return self.sde.sample(self.unet, mu_unit, content, control, steps=steps, generator=generator,
                                    x0_range=(0.0, 1.0), **kw)
@@ -519,9 +626,11 @@ def save_sde_model(path: str, unet: nn.Module, ema, meta: Mapping | None = None,
     weights = _ema_weights(net, ema)
     if set(weights) != set(net.state_dict()):
         raise ValueError("ema weights do not match the U-Net's parameters (different config?)")
-    sino_mu = (meta.get("train_config") or {}).get("sinogram_mu", "ma")
+    train = meta.get("train_config") or {}
     blob = {"domain": domain, "unet_config": asdict(net.config), "sde_config": asdict(sde_config), "weights": weights,
-            "normalization": None if normalization is None else asdict(normalization), "sinogram_mu": sino_mu,
+            "normalization": None if normalization is None else asdict(normalization),
+            "sinogram_mu": train.get("sinogram_mu", "ma"), "image_mu": train.get("image_mu", "ma"),
+            "tile": train.get("sample_tile"),
             "use_embeddings": net.config.use_embeddings, "meta": _plain(meta)}
     torch_save(path, blob)
     return path
@@ -558,7 +667,8 @@ def load_sde_model(path: str, device: torch.device | str | None = None) -> SDEMo
     return SDEModel(unet=unet, sde=IRSDE(SDEConfig(**blob["sde_config"])), domain=blob["domain"],
                     use_embeddings=bool(unet.config.use_embeddings),
                     normalization=None if norm is None else Normalization(**norm), meta=dict(blob.get("meta") or {}),
-                    sinogram_mu=str(blob.get("sinogram_mu", "ma")))
+                    sinogram_mu=str(blob.get("sinogram_mu", "ma")), image_mu=str(blob.get("image_mu", "ma")),
+                    tile=blob.get("tile"))
 
 
 # ---- validation --------------------------------------------------------------------------------------------------
@@ -591,7 +701,7 @@ def validate(model: SDEModel, rows: SliceRows | Mapping, *, n: int = 2, steps: i
     sub = {c: v[:k] for c, v in cols.items()}
     norm = model._norm()
     device = torch.device(device) if device is not None else next(model.unet.parameters()).device
-    mu, _, mask = to_unit_pair(sub, model.domain, norm, model.sinogram_mu)
+    mu, _, mask = to_unit_pair(sub, model.domain, norm, model.sinogram_mu, model.image_mu)
     emb = _embeddings(sub, model.domain, k, model.unet.config.context_dim) if model.use_embeddings else (None, None)
     outs = []
     for i in range(0, k, batch):
@@ -634,7 +744,8 @@ def sde_model_from_training(unet: nn.Module, ema: EMA | None, cfg: SDETrainConfi
     """An :class:`SDEModel` holding the EMA weights of a run in progress (for validation)."""
     net = ema.averaged(unet) if ema is not None else unwrap(unet)
     return SDEModel(unet=net.eval(), sde=IRSDE(cfg.sde_config()), domain=cfg.domain,
-                    use_embeddings=cfg.use_embeddings, normalization=norm, sinogram_mu=cfg.sinogram_mu)
+                    use_embeddings=cfg.use_embeddings, normalization=norm, sinogram_mu=cfg.sinogram_mu,
+                    image_mu=cfg.image_mu, tile=cfg.sample_tile)
 
 
 def geometry_for_data(data_dir: str):

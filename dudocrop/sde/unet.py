@@ -274,8 +274,9 @@ class ConditionalUNet(nn.Module):
         """
         t, mu, content, control = self._check(x_t, mu, t, content, control)
         h_in, w_in = x_t.shape[-2:]
-        x = torch.cat([x_t - mu, mu], dim=1)
-        x = _pad_to_multiple(x, self.config.size_multiple)
+        cfg = self.config
+        x = torch.cat([(x_t - mu) * cfg.in_scale, (mu - cfg.in_offset) * cfg.in_scale], dim=1)
+        x = _pad_to_multiple(x, cfg.size_multiple)
 
         emb = self.time_mlp(t).to(x.dtype)
         if control is not None:
@@ -300,7 +301,7 @@ class ConditionalUNet(nn.Module):
                     x = level["attn"](x, context)
             x = level["resample"](x)
         x = self.final_block(torch.cat([x, x_init], dim=1), emb)
-        return self.final_conv(x)[..., :h_in, :w_in]
+        return self.final_conv(x)[..., :h_in, :w_in] / cfg.in_scale
 
 
 def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
