@@ -116,8 +116,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mu", choices=("nmar", "ma"), default="nmar")
     ap.add_argument("--slices", type=int, default=10, help="slices scored per split")
     ap.add_argument("--input-scale", type=float, default=None,
-                    help="SDETrainConfig.input_scale: the U-Net sees (v − water)·K and its correction is divided "
-                         "by K (default: [0, 1] as is)")
+                    help="SDETrainConfig.input_scale: the U-Net sees μ as (μ − water)·K and its correction is "
+                         "divided by K (default: [0, 1] as is)")
     ap.add_argument("--metal-channel", action="store_true",
                     help="the metal mask (×0.5) in the x_t slot, which regression leaves empty")
     ap.add_argument("--loss-region", choices=("all", "body"), default="all",
@@ -128,6 +128,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     cfg = get_train_config("tiny", domain="image", unet=a.unet, steps=a.steps, lr=a.lr, parametrization="x0",
                            input_scale=a.input_scale or 1.0)
+    scale = cfg.input_scale
     geometry = geometry_for_data(a.data)
     norm, op = Normalization.for_geometry(geometry), FanBeamOperator(geometry)
     cols, side = domain_columns("image", True)
@@ -139,8 +140,9 @@ def main(argv=None) -> int:
     unet, ema, opt, _ = build_training(cfg, a.device, ctx)
 
     def correction(mu, mask, t, **emb):
-        """F̂_0 − μ; the metal mask rides in the x_t slot (the U-Net sees x_t − μ) with --metal-channel."""
-        return unet(mu + 0.5 * mask if a.metal_channel else mu, mu, t, **emb)
+        """F̂_0 − μ; the metal mask rides in the x_t slot (the U-Net sees x_t − μ) with --metal-channel, at 0.5 in
+        μ's standardised units (the measurements above)."""
+        return unet(mu + 0.5 * scale * mask if a.metal_channel else mu, mu, t, **emb)
     t0, losses, mu_losses = time.perf_counter(), [], []
     for step in tqdm(range(cfg.steps), desc="regression", disable=a.json):
         for g in opt.param_groups:

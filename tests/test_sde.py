@@ -389,8 +389,8 @@ def test_loss_weight_restricts_eq9_to_a_region():
 
 
 def test_input_standardisation_is_the_same_network_on_rescaled_inputs():
-    """in_offset / in_scale: the network sees cat[(F_t − μ)·s, (μ − o)·s] and returns output / s, i.e. exactly the
-    plain network applied to μ' = (μ − o)·s, F_t' = μ' + (F_t − μ)·s, its output divided by s."""
+    """in_offset / in_scale: the network sees cat[F_t − μ, (μ − o)·s] and returns output / s, i.e. exactly the
+    plain network applied to μ' = (μ − o)·s, F_t' = μ' + (F_t − μ), its output divided by s."""
     gen = torch.Generator().manual_seed(12)
     x, mu = torch.rand(2, 1, 24, 24, generator=gen), torch.rand(2, 1, 24, 24, generator=gen)
     c = torch.randn(2, 512, generator=gen)
@@ -401,7 +401,7 @@ def test_input_standardisation_is_the_same_network_on_rescaled_inputs():
     scaled = build_unet("tiny", in_scale=s, in_offset=o)
     scaled.load_state_dict(plain.state_dict())
     mu_s = (mu - o) * s
-    want = plain(mu_s + (x - mu) * s, mu_s, 7, content=c, control=c) / s
+    want = plain(mu_s + (x - mu), mu_s, 7, content=c, control=c) / s
     assert torch.allclose(scaled(x, mu, 7, content=c, control=c), want, atol=1e-6)
     assert not torch.allclose(plain(x, mu, 7, content=c, control=c), want, atol=1e-3)
     with pytest.raises(ValueError, match="in_scale must be a positive"):

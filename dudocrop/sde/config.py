@@ -84,11 +84,12 @@ class UNetConfig:
     head_dim: int = 32  # channels per head; an ST on c channels has c // head_dim heads
     dropout: float = 0.0
     use_embeddings: bool = True
-    # Input standardisation: the network sees cat[(F_t − μ)·in_scale, (μ − in_offset)·in_scale] and returns its
-    # output / in_scale, a correction in the units it was given (meant for SDEConfig.parametrization "x0"). Why:
-    # [0, 1] spans −1000..+3072 HU, so streaks of tens of HU are ~0.01 on a 0.25 water level, and a small U-Net
-    # trained on that for 600 steps (regression from the NMAR image, bench/prior_ceiling.py) cut its loss by 0.8 %;
-    # with water at 0 and ×20 (1 unit ≈ 200 HU) by 12 %, and by 28 % in 1500 steps.
+    # Input standardisation: the network sees cat[F_t − μ, (μ − in_offset)·in_scale] and returns its output /
+    # in_scale, a correction in μ's units (meant for SDEConfig.parametrization "x0"). Why: [0, 1] spans
+    # −1000..+3072 HU, so streaks of tens of HU are ~0.01 on a 0.25 water level, and a small U-Net trained on that
+    # for 600 steps (regression from the NMAR image, bench/prior_ceiling.py) cut its loss by 0.8 %; with water at 0
+    # and ×20 (1 unit ≈ 200 HU) by 12 %, and by 28 % in 1500 steps. F_t − μ stays as it is: scaled too, the
+    # diffusion noise of high t (λ = 0.196) reached the network at 3.9 and its F̂_0 at t = T was 8.8 dB (μ: 42 dB).
     in_offset: float = 0.0
     in_scale: float = 1.0
 

@@ -275,7 +275,7 @@ class ConditionalUNet(nn.Module):
         t, mu, content, control = self._check(x_t, mu, t, content, control)
         h_in, w_in = x_t.shape[-2:]
         cfg = self.config
-        x = torch.cat([(x_t - mu) * cfg.in_scale, (mu - cfg.in_offset) * cfg.in_scale], dim=1)
+        x = torch.cat([x_t - mu, (mu - cfg.in_offset) * cfg.in_scale], dim=1)
         x = _pad_to_multiple(x, cfg.size_multiple)
 
         emb = self.time_mlp(t).to(x.dtype)
