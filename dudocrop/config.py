@@ -79,13 +79,14 @@ RUN_PRESETS: dict[str, RunPreset] = {
     # NMAR completion's trace error is 13 % below LI's (SINOGRAM_MU). 11 fusion points (steps of 0.1, 1331 trials,
     # 5.4 min): the 5-point grid's α = 0, β = 1 left DuDoCROP 0.07 dB under NMAR on test, α = 0.1, β = 0.9 ties it.
     # The image model starts from the NMAR image (image_mu nmar) with standardised inputs (input_scale 20), its loss
-    # on the body outside the metal, sampled in 64² windows like its crops: from X_ma it ended 7.5 dB under NMAR,
-    # and without the standardisation the same U-Net barely learned (IMAGE_MU, UNetConfig.in_scale).
+    # on F̂_0 (loss_form x0) over the body outside the metal, sampled in 64² windows like its crops: from X_ma it
+    # ended 7.5 dB under NMAR, and without the standardisation the same U-Net barely learned (IMAGE_MU,
+    # UNetConfig.in_scale, IRSDE.loss).
     "small": RunPreset(
         name="small", geometry="small", n_patients=80, slices_per_patient=2, shard_slices=16,
         clip_set=("epochs=15",),
         image_set=("steps=1500", "parametrization=x0", "image_mu=nmar", "input_scale=20", "loss_region=body",
-                   "sample_tile=64", "lr=1e-3"),
+                   "sample_tile=64", "lr=1e-3", "loss_form=x0"),
         sinogram_set=("steps=1500", "parametrization=x0", "sinogram_mu=nmar"),
         residual_set=("steps=800", "parametrization=x0"), guidance_ablation=False, eval_slices=16, eval_steps=5,
         fusion_points=11,

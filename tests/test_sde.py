@@ -406,3 +406,24 @@ def test_input_standardisation_is_the_same_network_on_rescaled_inputs():
     assert not torch.allclose(plain(x, mu, 7, content=c, control=c), want, atol=1e-3)
     with pytest.raises(ValueError, match="in_scale must be a positive"):
         get_unet_config("tiny", in_scale=0.0)
+
+
+def test_x0_loss_form_weighs_the_restoration_equally_at_every_t():
+    """form='x0': mean |F̂_0(ε̂) − F_0|, zero for the true noise; an F̂_0 that is off by the same amount costs the
+    same at t = 5 and t = T, while the one-step forms hardly see it at t = T (why small's image model uses it)."""
+    gen = torch.Generator().manual_seed(13)
+    x0 = torch.rand(2, 1, 16, 16, generator=gen)
+    mu = x0 + 0.1 * torch.randn(2, 1, 16, 16, generator=gen)
+    losses = {}
+    for t_val in (5, SDE.T):
+        t = torch.full((2,), t_val)
+        xt = SDE.q_sample(x0, mu, t, generator=gen)
+        eps = SDE.noise_from_x0(xt, x0, mu, t)
+        assert float(SDE.loss(eps, xt, x0, mu, t, form="x0")) < 1e-5
+        off = SDE.noise_from_x0(xt, x0 + 0.05, mu, t)  # the ε̂ whose F̂_0 is F_0 + 0.05 everywhere
+        losses[t_val] = {f: float(SDE.loss(off, xt, x0, mu, t, form=f)) for f in ("x0", "sde", "posterior")}
+    assert losses[5]["x0"] == pytest.approx(0.05, rel=1e-3) and losses[SDE.T]["x0"] == pytest.approx(0.05, rel=1e-3)
+    for f in ("sde", "posterior"):
+        assert losses[SDE.T][f] < 0.2 * losses[5][f], f
+    with pytest.raises(ValueError, match="'sde', 'posterior' or 'x0'"):
+        SDE.loss(off, xt, x0, mu, t, form="l2")

@@ -119,7 +119,7 @@ class SDETrainConfig:
     betas: tuple[float, float] = PAPER_BETAS
     weight_decay: float = 0.0  # the public IR-SDE option files use 0; not stated in the paper
     ema_decay: float = REFERENCE_EMA
-    loss_form: Literal["sde", "posterior"] = "sde"  # "sde" is Eq. 9 as written (see IRSDE.loss)
+    loss_form: Literal["sde", "posterior", "x0"] = "sde"  # "sde" is Eq. 9 as written (see IRSDE.loss)
     # The sinogram domain's degraded state μ: the measured Y_ma (paper Eq. 10, ε1(Y_ma)) or its LI or NMAR
     # completion across the metal trace M_s ("li", "nmar", see SINOGRAM_MU). Other domains ignore it.
     sinogram_mu: Literal["ma", "li", "nmar"] = "ma"
@@ -181,8 +181,8 @@ class SDETrainConfig:
                 self.sample_tile, int) or self.sample_tile <= 32):
             raise ValueError(f"SDETrainConfig.sample_tile must be None or an int > 32 (windows overlap by 32), got "
                              f"{self.sample_tile!r}")
-        if self.loss_form not in ("sde", "posterior"):
-            raise ValueError(f"SDETrainConfig.loss_form must be 'sde' or 'posterior', got {self.loss_form!r}")
+        if self.loss_form not in ("sde", "posterior", "x0"):
+            raise ValueError(f"SDETrainConfig.loss_form must be 'sde', 'posterior' or 'x0', got {self.loss_form!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"SDETrainConfig.grad_clip must be None or > 0, got {self.grad_clip!r}")
 
