@@ -76,8 +76,8 @@ SINOGRAM_MU_COLUMN = "Y_mu"
 #: The image IR-SDE's μ:
 #: * ``ma``: X_ma, the paper's ε2(X_ma) (Eq. 12).
 #: * ``nmar``: NMAR's image with the metal of X_ma put back (as the NMAR baseline reports it), so the network sees
-#:   where the metal is and only corrects NMAR's residual streaks. On small's val slices the tiny U-Net trained
-#:   from X_ma stayed 7.5 dB under NMAR (35.4 vs 43.0 dB on test); a regression from this μ (1500 steps,
+#:   where the metal is and only corrects NMAR's residual streaks. Trained from X_ma the tiny U-Net stayed 7.5 dB
+#:   under NMAR (small's test slices, 35.4 vs 43.0 dB); on the val slices a regression from this μ (1500 steps,
 #:   standardised inputs, loss on the body outside the metal, bench/prior_ceiling.py) ended 0.53 dB above NMAR,
 #:   and small's image IR-SDE trained so (with ``loss_form='x0'``, 64² sampling windows) 1.08 dB above it on the
 #:   12 test slices, 5 sampler steps. Computed once per slice (:func:`with_image_mu`).
