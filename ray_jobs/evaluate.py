@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -107,8 +108,8 @@ def run(a: argparse.Namespace) -> dict:
     device = "cuda" if a.gpu else "cpu"
     model = DuDoCROP.load(a.models, device=device, steps=a.steps)
     base = model.config.osro
-    cfg = OSROConfig(k=base.k if a.k is None else a.k, alpha=base.alpha if a.alpha is None else a.alpha,
-                     beta=base.beta if a.beta is None else a.beta)
+    cfg = replace(base, k=base.k if a.k is None else a.k, alpha=base.alpha if a.alpha is None else a.alpha,
+                  beta=base.beta if a.beta is None else a.beta)
     baseline = None
     if a.baseline_models:
         if not os.path.isfile(os.path.join(a.baseline_models, PIPELINE_FILE)):

@@ -5,7 +5,8 @@ trains on X_r^in = X_p − X'_p against X_r^ref = X_p − X_ref (Eq. 16).
     python ray_jobs/priors.py --data outputs/train_all/data --models outputs/train_all/models --split train
 
 A Ray Data batch-inference job: one task per shard (GPU when ``--gpu``); shards whose sidecar is complete and
-fresh (case_id and array checksum match, made by the same model files and steps: :func:`provenance`) are
+fresh (case_id and array checksum match, made by the same model files, steps and Eq. 10-12 settings:
+:func:`provenance`) are
 skipped, so an interrupted run resumes and changed models are re-sampled. Progress: a line per shard.
 """
 
@@ -16,6 +17,7 @@ import hashlib
 import json
 import os
 import time
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -29,10 +31,10 @@ from dudocrop.data.shards import read_manifest, resolve
 from dudocrop.data.sidecar import is_fresh, write_sidecar
 from dudocrop.pipeline.model import (
     MODEL_FILES,
-    PIPELINE_FILE,
     DuDoCROP,
     check_model_folder,
     osro_region,
+    pipeline_config_with,
     save_pipeline_meta,
 )
 from dudocrop.pipeline.osro import OSROConfig, osro
@@ -48,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--split", default="train,val", help="comma-separated splits to process, or 'all' (the "
                     "residual IR-SDE trains on train and validates on val)")
     ap.add_argument("--steps", type=int, default=None, help="reverse-diffusion steps (default: the models' T)")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="inference settings written to pipeline.json (PipelineConfig fields, osro.FIELD for "
+                         "OSROConfig, e.g. osro.norm=affine): Eq. 12 here uses them")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--cpus-per-task", type=float, default=1.0)
@@ -55,14 +60,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def provenance(models: str, steps: int | None) -> str:
-    """sha256 over the model files the priors come from and the sampler steps: a sidecar made otherwise is stale."""
+def provenance(models: str, steps: int | None, osro: OSROConfig | None = None) -> str:
+    """sha256 over the model files the priors come from, the sampler steps and Eq. 10-12's settings: a sidecar
+    made otherwise is stale."""
     from dudocrop.data.shards import file_sha256
 
     local = pafs.LocalFileSystem()
     files = {k: file_sha256(local, os.path.abspath(p)) for k, f in MODEL_FILES.items() if k != "residual"
              and os.path.isfile(p := os.path.join(models, f))}
-    return hashlib.sha256(json.dumps({"files": files, "steps": steps}, sort_keys=True).encode()).hexdigest()
+    osro = osro or OSROConfig()
+    eq12 = {f: getattr(osro, f) for f in ("normalize", "fidelity", "norm", "norm_sigma")}
+    return hashlib.sha256(json.dumps({"files": files, "steps": steps, "osro": eq12}, sort_keys=True).encode()
+                          ).hexdigest()
 
 
 def shard_priors(data: str, models: str, shard: str, steps: int | None, batch_size: int, device: str,
@@ -75,7 +84,7 @@ def shard_priors(data: str, models: str, shard: str, steps: int | None, batch_si
     g = model.geometry
     cols = {k: t[k].combine_chunks().to_numpy_ndarray() for k in ("X_ma", "Y_ma", "metal_mask", "metal_trace")}
     xp, xpp = [], []
-    cfg = OSROConfig(residual_refine=False)
+    cfg = replace(model.config.osro, residual_refine=False)  # Eq. 10-12 as pipeline.json says
     for i in range(0, t.num_rows, batch_size):
         b = {k: torch.from_numpy(np.ascontiguousarray(v[i:i + batch_size]))[:, None] for k, v in cols.items()}
         x, y, mask, trace = model.prepare(b["X_ma"], b["Y_ma"], b["metal_mask"], b["metal_trace"])
@@ -102,11 +111,16 @@ def run(a: argparse.Namespace) -> dict:
     if m is None:
         raise SystemExit(f"no manifest.json in {a.data}: run ray_jobs/prepare_data.py first")
     check_model_folder(a.models, meta=False)
-    if not os.path.isfile(os.path.join(a.models, PIPELINE_FILE)):
-        save_pipeline_meta(a.models, get_geometry(m["geometry"]["name"]))
+    try:
+        config = pipeline_config_with(a.set)
+    except ValueError as e:
+        raise SystemExit(f"priors: --set: {e}") from e
+    # The residual IR-SDE trains on what Eq. 12 makes here, so these settings are the pipeline's from now on (a
+    # fusion chosen for other priors is dropped with the old pipeline.json; train_all re-runs it).
+    save_pipeline_meta(a.models, get_geometry(m["geometry"]["name"]), config)
     splits = set(a.split.split(","))
     shards = [s["name"] for s in m["shards"] if a.split == "all" or s["split"] in splits]
-    made_by = provenance(a.models, a.steps)
+    made_by = provenance(a.models, a.steps, config.osro)
     todo = [s for s in shards if not is_fresh(a.data, KIND, s, META_KEY, made_by)]
     print(f"priors: {len(shards)} shards in split {a.split}, {len(shards) - len(todo)} complete, {len(todo)} to run",
           flush=True)

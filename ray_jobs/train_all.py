@@ -106,7 +106,7 @@ def stage_argv(p: RunPreset, out: str, root: str | None) -> dict[str, list[str]]
         "embed": ["--data", data, "--model", f"{models}/dudoclip.pt"],
         "sde_image": [*sde, "--domain", "image", *sets(p.image_set)],
         "sde_sinogram": [*sde, "--domain", "sinogram", *sets(p.sinogram_set)],
-        "priors": ["--data", data, "--models", models, "--split", "train,val"]
+        "priors": ["--data", data, "--models", models, "--split", "train,val", *sets(p.pipeline_set)]
                   + ([] if p.eval_steps is None else ["--steps", str(p.eval_steps)]),
         "sde_residual": [*sde, "--domain", "residual", *sets(p.residual_set)],
         "sde_image_plain": [*plain, "--domain", "image", *sets(p.image_set)],

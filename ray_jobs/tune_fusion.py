@@ -94,7 +94,7 @@ def run(a: argparse.Namespace) -> dict:
     cache.save(os.path.join(out, "priors.pt"))
     t_priors = time.time() - t0
     base = replace(stored.osro, normalize=True, fidelity=True, residual_refine=True, fusion=True)
-    untuned = OSROConfig()  # the neutral start (k = α = β = 0.5) the sweep is compared with
+    untuned = replace(base, k=0.5, alpha=0.5, beta=0.5)  # the neutral start the sweep is compared with
     before = cache.score(untuned)
 
     common.init_ray(a.address)

@@ -6,7 +6,7 @@ import torch
 
 from dudocrop.ct.operators import FanBeamOperator
 from dudocrop.ct.trace import metal_trace
-from dudocrop.pipeline.osro import OSROConfig, fuse, minmax_norm, osro, sinogram_prior
+from dudocrop.pipeline.osro import OSROConfig, affine_norm, fuse, minmax_norm, norm, osro, sinogram_prior
 
 
 def test_minmax_norm_matches_eq11_per_slice():
@@ -39,6 +39,49 @@ def test_minmax_norm_uses_only_the_region_and_handles_constants():
         minmax_norm(d, ref[..., :2])
     with pytest.raises(ValueError, match="region"):
         minmax_norm(d, ref, torch.zeros_like(region))
+
+
+@pytest.mark.parametrize("sigma", [0.0, 1.5, 4.0])
+def test_affine_norm_recovers_an_affine_map_exactly_per_slice(sigma):
+    """δ = a·Δ + b (+ anything outside the region) gives back δ on the region, whatever the smoothing: the fit is
+    linear, and smoothing both images alike keeps the relation exact."""
+    g = torch.Generator().manual_seed(3)
+    d = torch.rand(3, 1, 24, 20, generator=g)
+    a = torch.tensor([0.5, 1.0, 2.5]).view(3, 1, 1, 1)
+    b = torch.tensor([0.1, -0.2, 0.0]).view(3, 1, 1, 1)
+    region = torch.ones_like(d, dtype=torch.bool)
+    region[..., :6, :5] = False
+    ref = torch.where(region, a * d + b, torch.full_like(d, 50.0))  # outliers outside the region
+    out = affine_norm(d, ref, region, sigma)
+    assert torch.allclose(out[region], ref[region], atol=1e-4)
+
+
+def test_affine_norm_ignores_what_lies_outside_the_region_and_handles_constants():
+    g = torch.Generator().manual_seed(4)
+    d, ref = torch.rand(2, 1, 16, 16, generator=g), torch.rand(2, 1, 16, 16, generator=g)
+    region = torch.zeros_like(d, dtype=torch.bool)
+    region[..., 3:13, 2:14] = True
+    hot_d, hot_ref = d.clone(), ref.clone()
+    hot_d[~region], hot_ref[~region] = 80.0, -30.0  # metal / air outside the region
+    for sigma in (0.0, 4.0):
+        assert torch.allclose(affine_norm(hot_d, hot_ref, region, sigma)[region],
+                              affine_norm(d, ref, region, sigma)[region], atol=1e-5)
+    const = affine_norm(torch.full_like(d, 3.0), ref, region, 4.0)
+    assert torch.isfinite(const).all()
+    assert torch.allclose(const[:, :, 0, 0], ref.flatten(1)[:, region[0].flatten()].mean(1)[:, None], atol=1e-5)
+    with pytest.raises(ValueError, match="region"):
+        affine_norm(d, ref, torch.zeros_like(region))
+
+
+def test_norm_follows_the_config():
+    g = torch.Generator().manual_seed(5)
+    d, ref = torch.rand(1, 1, 12, 12, generator=g), torch.rand(1, 1, 12, 12, generator=g)
+    assert torch.equal(norm(d, ref, None, OSROConfig()), minmax_norm(d, ref))
+    assert torch.equal(norm(d, ref, None, OSROConfig(norm="affine", norm_sigma=2.0)), affine_norm(d, ref, None, 2.0))
+    with pytest.raises(ValueError, match="OSROConfig.norm must be one of"):
+        OSROConfig(norm="zscore")
+    with pytest.raises(ValueError, match="norm_sigma"):
+        OSROConfig(norm="affine", norm_sigma=-1.0)
 
 
 def test_eq10_keeps_raw_data_outside_the_trace():

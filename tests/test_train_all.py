@@ -135,3 +135,29 @@ def test_priors_sidecars_record_the_models_and_steps_they_came_from(tmp_path):
     assert provenance(str(tmp_path), 10) != first
     (tmp_path / "sde_sinogram.pt").write_bytes(b"retrained")
     assert provenance(str(tmp_path), 5) != first
+    # Eq. 12's Norm changes X_p, hence the residual IR-SDE's data; the fusion factors do not
+    from dudocrop.pipeline.osro import OSROConfig
+
+    second = provenance(str(tmp_path), 5)
+    assert provenance(str(tmp_path), 5, OSROConfig()) == second
+    assert provenance(str(tmp_path), 5, OSROConfig(norm="affine")) != second
+    assert provenance(str(tmp_path), 5, OSROConfig(k=0.2, alpha=0.1)) == second
+
+
+def test_pipeline_settings_reach_pipeline_json_and_name_bad_fields():
+    from dudocrop.pipeline.model import pipeline_config_with
+
+    cfg = pipeline_config_with(["steps=5", "osro.norm=affine", "osro.norm_sigma=2", "precision=bf16"])
+    assert (cfg.steps, cfg.osro.norm, cfg.osro.norm_sigma, cfg.precision) == (5, "affine", 2, "bf16")
+    assert cfg.osro.k == 0.5  # the rest stays
+    with pytest.raises(ValueError, match="unknown OSROConfig field 'nrom'"):
+        pipeline_config_with(["osro.nrom=affine"])
+    with pytest.raises(ValueError, match="unknown PipelineConfig field 'stepz'"):
+        pipeline_config_with(["stepz=5"])
+    with pytest.raises(ValueError, match="OSROConfig.norm must be one of"):
+        pipeline_config_with(["osro.norm=zscore"])
+    with pytest.raises(ValueError, match="PipelineConfig.precision"):
+        pipeline_config_with(["precision=fp8"])
+    from dudocrop.config import get_run_preset
+
+    assert "osro.norm=affine" in train_all.stage_argv(get_run_preset("small"), "o", None)["priors"]

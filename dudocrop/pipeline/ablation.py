@@ -25,6 +25,7 @@ class AblationRow:
     fidelity: bool = True
     residual_refine: bool = True
     fusion: bool = True
+    norm: str | None = None  # OSROConfig.norm for this row; None: the pipeline's own
 
 
 TABLE_V: tuple[AblationRow, ...] = (
@@ -36,13 +37,17 @@ TABLE_V: tuple[AblationRow, ...] = (
     AblationRow("refine_raw", "Residual Refining (w/o Normalization)", "dual", normalize=False, fusion=False),
     AblationRow("refine_norm", "Residual Refining (w/ Normalization)", "dual", fusion=False),
     AblationRow("dudocrop", "Residual Refining (w/ Normalization) + Dual-domain Priors Fusion", "dual"),
+    # not in Table V: the full pipeline with the paper's min-max Norm (Eq. 11), present when the pipeline uses the
+    # affine one (OSROConfig.norm), with the same models and factors
+    AblationRow("dudocrop_minmax", "DuDoCROP with Eq. 11's min-max Norm (same models, k, α, β)", "dual",
+                norm="minmax"),
 )
 ROWS = {r.name: r for r in TABLE_V}
 
 
 def row_config(row: AblationRow, base: OSROConfig) -> OSROConfig:
     return replace(base, normalize=row.normalize, fidelity=row.fidelity, residual_refine=row.residual_refine,
-                   fusion=row.fusion)
+                   fusion=row.fusion, norm=row.norm or base.norm)
 
 
 @torch.no_grad()
@@ -55,17 +60,19 @@ def ablation_outputs(model, x_ma_hu: torch.Tensor, y_ma: torch.Tensor, metal_mas
     region = osro_region(x_ma_hu, metal_mask, model.geometry, model.config.metal_region_dilation)
     y_unit = model.norm.sino(y_ma)
     has_refiner = model.models["residual"] is not None
-    full: dict[bool, object] = {}  # one OSRO run (with ε3 when available) per normalisation setting
+    full: dict[tuple, object] = {}  # one OSRO run (with ε3 when available) per normalisation setting
 
-    def run_osro(normalize: bool):
-        if normalize not in full:
-            cfg = replace(base, normalize=normalize, fidelity=True, residual_refine=has_refiner)
-            full[normalize] = osro(x_prior, y_prior, y_unit, trace, model.fbp_unit,
-                                   model.refine if has_refiner else None, region, cfg)
-        return full[normalize]
+    def run_osro(cfg: OSROConfig):
+        key = (cfg.normalize, cfg.norm)
+        if key not in full:
+            full[key] = osro(x_prior, y_prior, y_unit, trace, model.fbp_unit, model.refine if has_refiner else None,
+                             region, replace(cfg, fidelity=True, residual_refine=has_refiner))
+        return full[key]
 
     out = {}
     for row in rows:
+        if row.norm is not None and row.norm == base.norm:
+            continue  # the same as the pipeline's own row
         cfg = row_config(row, base)
         if row.domains in ("image", "sinogram"):
             x_o, _ = model.combine(x_ma_hu, y_ma, metal_mask, trace, x_prior, y_prior, cfg, row.domains)
@@ -73,7 +80,7 @@ def ablation_outputs(model, x_ma_hu: torch.Tensor, y_ma: torch.Tensor, metal_mas
             continue
         if row.residual_refine and not has_refiner:
             continue  # no residual model trained: the refining rows are absent, not faked
-        res = run_osro(row.normalize)
+        res = run_osro(cfg)
         _, x_o = fuse(res.X_p, res.X_p_prime, res.X_r_hat if row.residual_refine else None, region, cfg)
         out[row.name] = model.to_hu(x_o, x_ma_hu, metal_mask)
     return out

@@ -20,6 +20,7 @@ import torch
 
 from dudocrop.atomic import write_json
 from dudocrop.checks import check_tensor
+from dudocrop.classic.nmar import nmar
 from dudocrop.ct.geometry import FanBeamGeometry, get_geometry
 from dudocrop.ct.operators import FanBeamOperator
 from dudocrop.ct.trace import metal_trace
@@ -29,6 +30,7 @@ from dudocrop.data.normalize import Normalization
 from dudocrop.metrics.image import body_mask
 from dudocrop.pipeline.osro import OSROConfig, OSROResult, fuse, osro, sinogram_prior
 from dudocrop.sde.train import image_mu, sinogram_mu
+from dudocrop.sde.unet import PRECISIONS
 
 #: file names inside a model folder (what train_all writes and the MLflow run logs under ``models/``).
 MODEL_FILES = {"clip": "dudoclip.pt", "image": "sde_image.pt", "sinogram": "sde_sinogram.pt",
@@ -42,7 +44,9 @@ class PipelineConfig:
     §IV-B-2; fewer is a measured speed/quality trade, see bench/pipeline.py). ``tile``: sample in overlapping
     tiles of this size (memory-bound cases; None: whole slices). ``domains``: ``dual`` is DuDoCROP; ``image`` and
     ``sinogram`` are the single-domain rows of Table V (X_o is then the image prior X_p, or X'_p = FBP(Y_p)).
-    ``metal_region_dilation``: pixels of metal dilation excluded from the Eq. 11 min / max region."""
+    ``metal_region_dilation``: pixels of metal dilation excluded from the Eq. 11 min / max region. ``precision``:
+    the U-Nets' arithmetic (``fp32``, or ``bf16`` autocast as in training on CUDA; the samplers stay float32);
+    ``channels_last`` takes effect when the model is moved (``DuDoCROP.to``)."""
 
     steps: int | None = None
     sampler: Literal["posterior", "sde"] = "posterior"
@@ -54,8 +58,13 @@ class PipelineConfig:
     trace_dilation: int = 0
     metal_region_dilation: int = 1
     seed: int = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    channels_last: bool = False  # U-Net weights (hence activations) in NHWC, the layout tensor-core convs want
+    compile: bool = False  # torch.compile the U-Nets (SDEModel.restore): minutes to compile, then ~4x on a GPU
 
     def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"PipelineConfig.precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
         if self.domains not in ("dual", "image", "sinogram"):
             raise ValueError(f"PipelineConfig.domains must be 'dual', 'image' or 'sinogram', got {self.domains!r}")
         if self.tile is not None and self.tile < 32:
@@ -151,9 +160,10 @@ class DuDoCROP:
 
     def to(self, device: str | torch.device) -> DuDoCROP:
         self.device = torch.device(device)
+        fmt = torch.channels_last if self.config.channels_last else torch.contiguous_format
         for m in self.models.values():
             if m is not None:
-                m.unet.to(self.device)
+                m.unet.to(self.device, memory_format=fmt)
         if self.clip is not None:
             self.clip.to(self.device)
         return self
@@ -177,7 +187,8 @@ class DuDoCROP:
         g.manual_seed(c.seed * 1000 + seed_stream)
         tile = c.tile if c.tile is not None and max(mu.shape[-2:]) > c.tile else None
         return self.models[key].restore(mu, content, control, steps=c.steps, sampler=c.sampler, generator=g,
-                                        tile=tile, overlap=c.tile_overlap)
+                                        tile=tile, overlap=c.tile_overlap, precision=c.precision,
+                                        compile=c.compile)
 
     def fbp_unit(self, y_unit: torch.Tensor) -> torch.Tensor:
         """FBP from normalised line integrals to normalised attenuation (no clipping: FBP noise may be < 0)."""
@@ -217,14 +228,19 @@ class DuDoCROP:
         """The DAPG stage: ε2(X_ma) and ε1(Y_ma) in normalised units (None for a domain this config skips)."""
         emb = self.embeddings(x_ma_hu, y_ma)
         dom = self.config.domains
+        image, sino = self.models["image"], self.models["sinogram"]
+        both_nmar = dom == "dual" and image.image_mu == "nmar" and sino.sinogram_mu == "nmar"
+        # one NMAR gives both μ (its image with the metal put back and its completed sinogram) instead of two
+        shared = nmar(y_ma, metal_mask > 0.5, x_ma_hu, self.op, trace=trace > 0.5, return_sinogram=True) \
+            if both_nmar else None
         x_prior = None
         if dom != "sinogram":  # μ as the image model was trained: X_ma or the NMAR image (IMAGE_MU)
-            x_mu = image_mu(x_ma_hu, y_ma, metal_mask, trace, self.models["image"].image_mu, self.op)
+            x_mu = shared[0] if shared else image_mu(x_ma_hu, y_ma, metal_mask, trace, image.image_mu, self.op)
             x_prior = self._sample("image", self.norm.image(x_mu), emb.get("image"), 1)
         y_prior = None
         if dom != "image":  # μ as the sinogram model was trained: Y_ma or its LI / NMAR completion (SINOGRAM_MU)
-            y_mu = sinogram_mu(y_ma, trace, self.models["sinogram"].sinogram_mu, x_ma=x_ma_hu, metal_mask=metal_mask,
-                               op=self.op)
+            y_mu = shared[1] if shared else sinogram_mu(y_ma, trace, sino.sinogram_mu, x_ma=x_ma_hu,
+                                                        metal_mask=metal_mask, op=self.op)
             y_prior = self._sample("sinogram", self.norm.sino(y_mu), emb.get("sinogram"), 2)
         return x_prior, y_prior
 
@@ -269,6 +285,35 @@ class DuDoCROP:
         region = osro_region(x_ma_hu, metal_mask, self.geometry, self.config.metal_region_dilation)
         _, x_o = fuse(priors.X_p, priors.X_p_prime, priors.X_r_hat, region, cfg)
         return self.to_hu(x_o, x_ma_hu, metal_mask)
+
+
+def pipeline_config_with(items, base: PipelineConfig = PipelineConfig()) -> PipelineConfig:
+    """``base`` with ``["steps=5", "osro.norm=affine"]`` applied: PipelineConfig fields, or OSROConfig fields as
+    ``osro.FIELD`` (Python literals; bare words stay strings). Raises ValueError naming a malformed item or field."""
+    import ast
+    from dataclasses import fields
+
+    top, sub = {}, {}
+    names = {f.name for f in fields(PipelineConfig)} - {"osro"}
+    osro_names = {f.name for f in fields(OSROConfig)}
+    for it in items:
+        if "=" not in it:
+            raise ValueError(f"pipeline setting must be field=value, got {it!r}")
+        k, v = (x.strip() for x in it.split("=", 1))
+        try:
+            v = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            pass
+        if k.startswith("osro."):
+            if k[5:] not in osro_names:
+                raise ValueError(f"unknown OSROConfig field {k[5:]!r} in {it!r}; expected one of {sorted(osro_names)}")
+            sub[k[5:]] = v
+        elif k in names:
+            top[k] = v
+        else:
+            raise ValueError(f"unknown PipelineConfig field {k!r} in {it!r}; expected one of {sorted(names)} or "
+                             f"osro.FIELD")
+    return replace(base, **top, osro=replace(base.osro, **sub))
 
 
 def pipeline_config_from_dict(d: dict) -> PipelineConfig:

@@ -304,6 +304,35 @@ class ConditionalUNet(nn.Module):
         return self.final_conv(x)[..., :h_in, :w_in] / cfg.in_scale
 
 
+#: inference precisions of the U-Net (``SDEModel.restore``, ``PipelineConfig.precision``): autocast dtype or None.
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
+
+
+class Autocast(nn.Module):
+    """A network run under ``torch.autocast`` at ``dtype`` that hands back float32.
+
+    Only the network's convolutions and attention drop to bf16 (as in training on CUDA, ``sde_train_step``); the
+    sampler's arithmetic stays float32, where Eq. 6 scales the network's error by up to e^{θ̄_T} = 200.
+    """
+
+    def __init__(self, net: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.net, self.dtype = net, dtype
+
+    def forward(self, x_t: torch.Tensor, *args, **kw) -> torch.Tensor:
+        with torch.autocast(x_t.device.type, dtype=self.dtype):
+            out = self.net(x_t, *args, **kw)
+        return out.float()
+
+
+def with_precision(net: nn.Module, precision: str) -> nn.Module:
+    """``net`` itself for ``fp32``, else wrapped in :class:`Autocast` (``PRECISIONS``)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    dtype = PRECISIONS[precision]
+    return net if dtype is None else Autocast(net, dtype)
+
+
 def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     h, w = x.shape[-2:]
     ph, pw = (-h) % multiple, (-w) % multiple
