@@ -60,7 +60,7 @@ class PipelineConfig:
     seed: int = 0
     precision: Literal["fp32", "bf16"] = "fp32"
     channels_last: bool = False  # U-Net weights (hence activations) in NHWC, the layout tensor-core convs want
-    compile: bool = False  # torch.compile the U-Nets (SDEModel.restore): minutes to compile, then ~4x on a GPU
+    compile: bool = False  # torch.compile the U-Nets (SDEModel.restore): ≈30 s per U-Net and input size to compile
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:

@@ -87,9 +87,10 @@ def affine_norm(delta: torch.Tensor, reference: torch.Tensor, region: torch.Tens
                 sigma: float = 4.0) -> torch.Tensor:
     """Norm_δ(Δ) as a fit: a·Δ + b, the least-squares fit of δ by Δ over ``region``, per slice. The slope a comes
     from both images smoothed by a Gaussian of ``sigma`` px that averages region pixels only (so metal and air
-    outside the region do not bleed in); b puts the mean of a·Δ + b on δ's mean over the region. The smoothing
-    matches the two images' resolution: FBP(Y_p) is blurrier than a diffusion prior, and fitted at full resolution
-    the slope would shrink by their edges' mismatch. A constant ``delta`` is only shifted to the reference's mean."""
+    outside the region do not bleed in); b puts the mean of a·Δ + b on δ's mean over the region. The smoothing keeps
+    the slope to the images' broad contrast, away from the fine streaks and edges where FBP(Y_p) errs most (module
+    docstring: 30.9 / 37.7 dB unsmoothed, 33.4 / 52.9 dB at 4 px). A constant ``delta`` is only shifted to the
+    reference's mean."""
     if delta.shape != reference.shape:
         raise ValueError(f"delta and reference must have the same shape, got {tuple(delta.shape)} and "
                          f"{tuple(reference.shape)}")
@@ -136,8 +137,8 @@ def _check_region(region: torch.Tensor | None, like: torch.Tensor) -> torch.Tens
     return region
 
 
-#: Norm_δ(Δ) by name (OSROConfig.norm).
-NORMS = {"minmax": minmax_norm, "affine": affine_norm}
+#: the values of OSROConfig.norm: Eq. 11's min-max, the affine fit.
+NORMS = ("minmax", "affine")
 
 
 def norm(delta: torch.Tensor, reference: torch.Tensor, region: torch.Tensor | None, cfg: OSROConfig) -> torch.Tensor:
