@@ -45,3 +45,20 @@ def check_tensor(
     if finite and x.numel() and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or inf values")
     return x
+
+
+def parse_assignments(items: Sequence[str]) -> dict:
+    """``["steps=100", "betas=(0.9,0.999)", "norm=affine"]`` -> ``{"steps": 100, "betas": (0.9, 0.999), "norm":
+    "affine"}``: values are Python literals, bare words stay strings. A malformed item raises ValueError naming it."""
+    import ast
+
+    out = {}
+    for it in items:
+        if "=" not in it:
+            raise ValueError(f"--set expects field=value, got {it!r}")
+        k, v = (s.strip() for s in it.split("=", 1))
+        try:
+            out[k] = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            out[k] = v
+    return out

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 
 from dudocrop.atomic import write_json
-from dudocrop.checks import check_tensor
+from dudocrop.checks import check_tensor, parse_assignments
 from dudocrop.classic.nmar import nmar
 from dudocrop.ct.geometry import FanBeamGeometry, get_geometry
 from dudocrop.ct.operators import FanBeamOperator
@@ -290,29 +290,20 @@ class DuDoCROP:
 def pipeline_config_with(items, base: PipelineConfig = PipelineConfig()) -> PipelineConfig:
     """``base`` with ``["steps=5", "osro.norm=affine"]`` applied: PipelineConfig fields, or OSROConfig fields as
     ``osro.FIELD`` (Python literals; bare words stay strings). Raises ValueError naming a malformed item or field."""
-    import ast
     from dataclasses import fields
 
     top, sub = {}, {}
     names = {f.name for f in fields(PipelineConfig)} - {"osro"}
     osro_names = {f.name for f in fields(OSROConfig)}
-    for it in items:
-        if "=" not in it:
-            raise ValueError(f"pipeline setting must be field=value, got {it!r}")
-        k, v = (x.strip() for x in it.split("=", 1))
-        try:
-            v = ast.literal_eval(v)
-        except (ValueError, SyntaxError):
-            pass
+    for k, v in parse_assignments(items).items():
         if k.startswith("osro."):
             if k[5:] not in osro_names:
-                raise ValueError(f"unknown OSROConfig field {k[5:]!r} in {it!r}; expected one of {sorted(osro_names)}")
+                raise ValueError(f"unknown OSROConfig field {k[5:]!r}; expected one of {sorted(osro_names)}")
             sub[k[5:]] = v
         elif k in names:
             top[k] = v
         else:
-            raise ValueError(f"unknown PipelineConfig field {k!r} in {it!r}; expected one of {sorted(names)} or "
-                             f"osro.FIELD")
+            raise ValueError(f"unknown PipelineConfig field {k!r}; expected one of {sorted(names)} or osro.FIELD")
     return replace(base, **top, osro=replace(base.osro, **sub))
 
 

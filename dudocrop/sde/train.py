@@ -20,7 +20,6 @@ Domains (μ -> F_0, all mapped to [0, 1] by :class:`dudocrop.data.normalize.Norm
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import math
 import os
@@ -34,6 +33,7 @@ import torch
 from torch import nn
 
 from dudocrop.atomic import torch_save
+from dudocrop.checks import parse_assignments
 from dudocrop.data.loader import CropSpec, augment
 from dudocrop.data.normalize import Normalization, neutral_level
 from dudocrop.sde.config import SDEConfig, UNetConfig, get_sde_config, get_unet_config
@@ -247,17 +247,10 @@ def parse_overrides(items: Sequence[str]) -> dict:
     """``["steps=100", "lr=1e-3", "betas=(0.9,0.999)"]`` -> typed overrides (Python literals; bare words stay
     strings). Raises ValueError naming a malformed item or an unknown field."""
     names = {f.name for f in fields(SDETrainConfig)}
-    out = {}
-    for it in items:
-        if "=" not in it:
-            raise ValueError(f"--set expects field=value, got {it!r}")
-        k, v = (s.strip() for s in it.split("=", 1))
+    out = parse_assignments(items)
+    for k in out:
         if k not in names:
             raise ValueError(f"--set: unknown SDETrainConfig field {k!r}; expected one of {sorted(names)}")
-        try:
-            out[k] = ast.literal_eval(v)
-        except (ValueError, SyntaxError):
-            out[k] = v
     return out
 
 
