@@ -33,7 +33,6 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from dudocrop.atomic import write_json
 from dudocrop.clip.model import DuDoCLIP
@@ -46,7 +45,7 @@ from dudocrop.pipeline.model import DuDoCROP
 from dudocrop.sde.config import get_sde_config, get_unet_config
 from dudocrop.sde.irsde import IRSDE
 from dudocrop.sde.train import SDEModel
-from dudocrop.sde.unet import build_unet, count_parameters
+from dudocrop.sde.unet import build_unet, count_parameters, tflop_per_eval
 
 PAPER_SECONDS_PER_SLICE = 125.0  # Table V, full DuDoCROP
 GPU_TARGET_SECONDS = 5.0  # issue target at 100 steps on a GPU
@@ -99,22 +98,11 @@ def timings(model: DuDoCROP, x_ma, y_ma, steps: list[int], repeats: int, max_tim
     return sorted(rows, key=lambda r: r["steps"])
 
 
-def unet_tflop_per_step(model: DuDoCROP, x_ma, y_ma) -> float:
-    """FLOPs of one reverse step per slice: one evaluation of each U-Net at its input's size (a multiply-add is 2)."""
+def unet_tflop_per_step(model: DuDoCROP) -> float:
+    """TFLOP of one reverse step per slice: one evaluation of each U-Net at its domain's size."""
     g = model.geometry
-    total = 0
-    for key, shape in (("image", g.image_shape), ("sinogram", g.sino_shape), ("residual", g.image_shape)):
-        m = model.models[key]
-        if m is None:
-            continue
-        x = torch.rand(1, 1, *shape, device=model.device)
-        emb = None
-        if m.use_embeddings:
-            emb = torch.zeros(1, m.unet.config.context_dim, device=model.device)
-        with FlopCounterMode(display=False) as fc, torch.no_grad():
-            m.unet(x, x, torch.full((1,), 50.0, device=model.device), content=emb, control=emb)
-        total += fc.get_total_flops()
-    return total / 1e12
+    shapes = {"image": g.image_shape, "sinogram": g.sino_shape, "residual": g.image_shape}
+    return sum(tflop_per_eval(m.unet, shapes[k]) for k, m in model.models.items() if m is not None)
 
 
 def read_report(path: str) -> dict:
@@ -168,7 +156,7 @@ def main(argv=None) -> int:
     x_ma, y_ma = load_inputs(a.inputs, g, max(batches))
     x_ma, y_ma = x_ma.to(a.device), y_ma.to(a.device)
     base = model.config
-    tflop_step = unet_tflop_per_step(model, x_ma, y_ma)
+    tflop_step = unet_tflop_per_step(model)
     rows = []
     torch.backends.cudnn.benchmark = a.cudnn_benchmark
     for precision in precisions:

@@ -27,9 +27,9 @@ import os
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from dudocrop.sde import IRSDE, build_unet, count_parameters
+from dudocrop.sde.unet import tflop_per_eval
 
 EMB = 512
 
@@ -44,11 +44,7 @@ def flops_per_eval(preset: str, shapes: list[tuple[int, int]]) -> dict:
         net = build_unet(preset)
     out = {"params": count_parameters(net), "tflop_per_eval": {}}
     for h, w in shapes:
-        x = torch.empty(1, 1, h, w, device="meta")
-        c = torch.empty(1, EMB, device="meta")
-        with FlopCounterMode(display=False) as fc, torch.no_grad():
-            net(x, x, torch.full((1,), 50.0, device="meta"), content=c, control=c)
-        out["tflop_per_eval"][f"{h}x{w}"] = round(fc.get_total_flops() / 1e12, 4)
+        out["tflop_per_eval"][f"{h}x{w}"] = round(tflop_per_eval(net, (h, w), "meta"), 4)
     return out
 
 

@@ -12,9 +12,8 @@ import json
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from dudocrop.sde.unet import build_unet, with_precision
+from dudocrop.sde.unet import build_unet, tflop_per_eval, with_precision
 
 VARIANTS = ("fp32", "bf16", "bf16+bench", "bf16+bench+cl")
 
@@ -64,11 +63,7 @@ def main(argv=None) -> int:
     net = build_unet("paper").to(device).eval()
     rows, top = [], None
     for shape in [tuple(int(v) for v in sh.split("x")) for sh in a.shapes.split(",")]:
-        x = torch.rand(1, 1, *shape, device=device)
-        e = torch.zeros(1, net.config.context_dim, device=device)
-        with FlopCounterMode(display=False) as fc, torch.no_grad():
-            net(x, x, torch.full((1,), 50.0, device=device), content=e, control=e)
-        tflop = fc.get_total_flops() / 1e12
+        tflop = tflop_per_eval(net, shape)
         for v in a.variants.split(","):
             r = time_evals(net, shape, v, a.evals, device)
             rows.append({"shape": list(shape), "variant": v, "tflop": tflop, **r,

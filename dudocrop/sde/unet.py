@@ -356,3 +356,16 @@ def build_unet(config: UNetConfig | str = "paper", **overrides) -> ConditionalUN
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def tflop_per_eval(net: ConditionalUNet, shape: tuple[int, int], device: torch.device | str | None = None) -> float:
+    """TFLOP of one evaluation of ``net`` on a (1, 1, H, W) input (a multiply-add is 2 FLOPs), counted with
+    FlopCounterMode; ``device`` defaults to the net's ("meta" nets cost no compute)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = next(net.parameters()).device if device is None else device
+    x = torch.zeros(1, 1, *shape, device=device)
+    emb = torch.zeros(1, net.config.context_dim, device=device) if net.config.use_embeddings else None
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        net(x, x, torch.full((1,), 50.0, device=device), content=emb, control=emb)
+    return fc.get_total_flops() / 1e12
