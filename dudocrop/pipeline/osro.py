@@ -70,10 +70,7 @@ def minmax_norm(delta: torch.Tensor, reference: torch.Tensor, region: torch.Tens
     broadcastable to (N, 1, H, W)) when given. A constant ``delta`` (max == min) is shifted to the middle of the
     reference range instead of divided by zero.
     """
-    if delta.shape != reference.shape:
-        raise ValueError(f"delta and reference must have the same shape, got {tuple(delta.shape)} and "
-                         f"{tuple(reference.shape)}")
-    region = _check_region(region, delta)
+    region = _check_region(region, delta, reference)
     dmin, dmax = _masked_minmax(delta, region)
     rmin, rmax = _masked_minmax(reference, region)
     span = dmax - dmin
@@ -91,10 +88,7 @@ def affine_norm(delta: torch.Tensor, reference: torch.Tensor, region: torch.Tens
     the slope to the images' broad contrast, away from the fine streaks and edges where FBP(Y_p) errs most (module
     docstring: 30.9 / 37.7 dB unsmoothed, 33.4 / 52.9 dB at 4 px). A constant ``delta`` is only shifted to the
     reference's mean."""
-    if delta.shape != reference.shape:
-        raise ValueError(f"delta and reference must have the same shape, got {tuple(delta.shape)} and "
-                         f"{tuple(reference.shape)}")
-    region = _check_region(region, delta)
+    region = _check_region(region, delta, reference)
     w = region.to(delta.dtype)
     shape = (-1,) + (1,) * (delta.ndim - 1)
     n = w.flatten(1).sum(1).view(shape)
@@ -128,7 +122,12 @@ def _smooth_within(x: torch.Tensor, w: torch.Tensor, sigma: float) -> torch.Tens
     return blur(x * w) / blur(w).clamp_min(1e-6)
 
 
-def _check_region(region: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+def _check_region(region: torch.Tensor | None, like: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Norm's arguments checked: ``reference`` shaped like ``like`` (Δ), ``region`` (None: everywhere) selecting
+    pixels of every slice; returns the region as a bool tensor of Δ's shape."""
+    if like.shape != reference.shape:
+        raise ValueError(f"delta and reference must have the same shape, got {tuple(like.shape)} and "
+                         f"{tuple(reference.shape)}")
     if region is None:
         return torch.ones_like(like, dtype=torch.bool)
     region = region.expand_as(like)
