@@ -48,17 +48,28 @@ def check_tensor(
 
 
 def parse_assignments(items: Sequence[str]) -> dict:
-    """``["steps=100", "betas=(0.9,0.999)", "norm=affine"]`` -> ``{"steps": 100, "betas": (0.9, 0.999), "norm":
-    "affine"}``: values are Python literals, bare words stay strings. A malformed item raises ValueError naming it."""
-    import ast
-
+    """``["steps=100", "betas=(0.9,0.999)", "norm=affine", "x=null"]`` -> ``{"steps": 100, "betas": (0.9, 0.999),
+    "norm": "affine", "x": None}``: the command lines' ``--set`` items. Values are Python literals or JSON (so
+    ``true`` / ``null`` / ``[1, 2]`` work as well as ``True`` / ``None`` / ``(1, 2)``); anything else stays a string.
+    A malformed item raises ValueError naming it."""
     out = {}
     for it in items:
         if "=" not in it:
             raise ValueError(f"--set expects field=value, got {it!r}")
         k, v = (s.strip() for s in it.split("=", 1))
-        try:
-            out[k] = ast.literal_eval(v)
-        except (ValueError, SyntaxError):
-            out[k] = v
+        out[k] = _literal(v)
     return out
+
+
+def _literal(text: str):
+    import ast
+    import json
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        pass
+    try:
+        return json.loads(text)
+    except ValueError:  # json.JSONDecodeError is a ValueError
+        return text

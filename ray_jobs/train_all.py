@@ -26,6 +26,7 @@ import time
 from dataclasses import asdict, fields
 
 from dudocrop.atomic import write_json
+from dudocrop.checks import parse_assignments
 from dudocrop.config import RUN_PRESETS, RunPreset, get_run_preset
 from ray_jobs import common
 
@@ -48,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default="outputs/train_all", help="output folder (shared storage on a cluster)")
     ap.add_argument("--config", help="JSON file of RunPreset fields overriding the preset")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                    help="override one RunPreset field (JSON value or plain string); repeatable")
+                    help="override one RunPreset field (Python literal, JSON or plain string); repeatable")
     ap.add_argument("--root", help="data root for --set source=aapm|clinical")
     ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of " + ",".join(STAGES))
     ap.add_argument("--force", default="", help="comma-separated stages to re-run even if complete")
@@ -56,23 +57,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def _value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def resolve_preset(a: argparse.Namespace) -> RunPreset:
     overrides: dict = {}
     if a.config:
         with open(a.config) as f:
             overrides.update(json.load(f))
-    for item in a.set:
-        if "=" not in item:
-            raise SystemExit(f"--set expects FIELD=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        overrides[k.strip()] = _value(v)
+    try:
+        overrides.update(parse_assignments(a.set))
+    except ValueError as e:
+        raise SystemExit(f"train_all: {e}") from e
     tuples = {f.name for f in fields(RunPreset) if "tuple" in str(f.type)}
     for k in tuples & set(overrides):
         overrides[k] = tuple(overrides[k]) if isinstance(overrides[k], list) else (overrides[k],)

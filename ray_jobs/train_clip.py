@@ -36,6 +36,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from dudocrop.checks import parse_assignments  # noqa: E402
 from dudocrop.clip.config import (  # noqa: E402
     DuDoCLIPConfig,
     DuDoCLIPTrainConfig,
@@ -68,7 +69,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                                           "summary and, by default, the Ray results")
     ap.add_argument("--preset", choices=["tiny", "paper"], default="tiny", help="model + training preset")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                    help="replace a DuDoCLIPTrainConfig / DuDoCLIPConfig field (JSON value; repeatable)")
+                    help="replace a DuDoCLIPTrainConfig / DuDoCLIPConfig field (Python literal, JSON or string; "
+                         "repeatable)")
     ap.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP ranks)")
     ap.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL, bf16 autocast)")
     ap.add_argument("--cpus-per-worker", type=float, default=1.0)
@@ -89,22 +91,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(list(argv) if argv is not None else None)
 
 
-def _value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return {"None": None, "none": None, "True": True, "False": False}.get(text, text)
-
-
 def parse_sets(sets: Sequence[str] | Mapping[str, Any]) -> tuple[dict, dict]:
     """``--set`` items → (training overrides, model overrides); unknown fields raise ValueError naming them."""
-    items = dict(sets) if isinstance(sets, Mapping) else {}
-    if not isinstance(sets, Mapping):
-        for s in sets:
-            if "=" not in s:
-                raise ValueError(f"--set expects FIELD=VALUE, got {s!r}")
-            k, v = s.split("=", 1)
-            items[k.strip()] = _value(v.strip())
+    items = dict(sets) if isinstance(sets, Mapping) else parse_assignments(sets)
     train, model = {}, {}
     for k, v in items.items():
         v = tuple(v) if isinstance(v, list) else v

@@ -125,6 +125,26 @@ def test_bad_overrides_name_the_field(tmp_path):
         train_all.run(train_all.parse_args(["--out", str(tmp_path), "--stages", "prepare,bake"]))
 
 
+def test_set_values_read_as_python_literals_or_json_in_every_entrypoint():
+    """One ``--set`` parser (checks.parse_assignments) for train_all, train_clip and the SDE / pipeline settings:
+    JSON and Python spellings give the same values, bare words stay strings, a missing '=' names the item."""
+    from dudocrop.checks import parse_assignments
+    from ray_jobs.train_clip import parse_sets
+
+    assert parse_assignments(["a=true", "b=null", "c=[1, 2]", "d=(1, 2)", "e=None", "f=aapm", "g=1e-4",
+                              'h={"k": 1}']) == {"a": True, "b": None, "c": [1, 2], "d": (1, 2), "e": None,
+                                                 "f": "aapm", "g": 1e-4, "h": {"k": 1}}
+    preset = train_all.resolve_preset(train_all.parse_args(["--set", 'pipeline_set=["osro.norm=affine"]',
+                                                            "--set", "n_patients=3", "--set", "sinogram_set=steps=5"]))
+    assert (preset.pipeline_set, preset.n_patients, preset.sinogram_set) == (("osro.norm=affine",), 3, ("steps=5",))
+    assert parse_sets(["epochs=3", "pretrained=null", "betas=[0.9, 0.98]"]) == (
+        {"epochs": 3, "betas": (0.9, 0.98)}, {"pretrained": None})
+    with pytest.raises(SystemExit, match="'n_patients'"):
+        train_all.resolve_preset(train_all.parse_args(["--set", "n_patients"]))
+    with pytest.raises(ValueError, match="'epochs'"):
+        parse_sets(["epochs"])
+
+
 def test_priors_sidecars_record_the_models_and_steps_they_came_from(tmp_path):
     from ray_jobs.priors import provenance
 
