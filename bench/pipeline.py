@@ -16,8 +16,8 @@ part, CLIP + FP/FBP + OSRO, plus the same U-Net evaluations per step) and are ma
 autocast (``PipelineConfig.precision``) and through ``torch.compile`` (``PipelineConfig.compile``); on CUDA the default
 is bf16+compile beside eager bf16 (H200: 3.56 vs 8.46 s per slice at 100 steps, README, GPU); ``--inputs`` times
 your own slices (an .npz with ``x_ma`` in HU, (N, H, W) or (N, 1, H, W), and optionally ``y_ma``, line integrals)
-instead of a simulated one. Each row also gives the
-U-Nets' achieved TFLOP/s (FLOPs counted once per network with FlopCounterMode, times the steps).
+instead of a simulated one. Each row also gives the U-Nets' achieved TFLOP/s (FLOPs counted once per network with
+FlopCounterMode, times the steps).
 
 Timing uses networks of the stated architecture with untrained weights (cost does not depend on the weights);
 ``--models`` times a trained model folder instead. No quality number here comes from untrained weights: quality is

@@ -68,7 +68,7 @@ def resolve_preset(a: argparse.Namespace) -> RunPreset:
         raise SystemExit(f"train_all: {e}") from e
     tuples = {f.name for f in fields(RunPreset) if "tuple" in str(f.type)}
     for k in tuples & set(overrides):
-        overrides[k] = tuple(overrides[k]) if isinstance(overrides[k], list) else (overrides[k],)
+        overrides[k] = tuple(overrides[k]) if isinstance(overrides[k], list | tuple) else (overrides[k],)
     try:
         return get_run_preset(a.preset, **overrides)
     except (TypeError, ValueError) as e:

@@ -135,8 +135,10 @@ def test_set_values_read_as_python_literals_or_json_in_every_entrypoint():
                               'h={"k": 1}']) == {"a": True, "b": None, "c": [1, 2], "d": (1, 2), "e": None,
                                                  "f": "aapm", "g": 1e-4, "h": {"k": 1}}
     preset = train_all.resolve_preset(train_all.parse_args(["--set", 'pipeline_set=["osro.norm=affine"]',
-                                                            "--set", "n_patients=3", "--set", "sinogram_set=steps=5"]))
-    assert (preset.pipeline_set, preset.n_patients, preset.sinogram_set) == (("osro.norm=affine",), 3, ("steps=5",))
+                                                            "--set", "n_patients=3", "--set", "sinogram_set=steps=5",
+                                                            "--set", 'image_set=("steps=4", "batch_size=2")']))
+    assert (preset.pipeline_set, preset.n_patients, preset.sinogram_set, preset.image_set) == (
+        ("osro.norm=affine",), 3, ("steps=5",), ("steps=4", "batch_size=2"))
     assert parse_sets(["epochs=3", "pretrained=null", "betas=[0.9, 0.98]"]) == (
         {"epochs": 3, "betas": (0.9, 0.98)}, {"pretrained": None})
     with pytest.raises(SystemExit, match="'n_patients'"):
