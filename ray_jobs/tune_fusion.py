@@ -94,7 +94,8 @@ def run(a: argparse.Namespace) -> dict:
     cache.save(os.path.join(out, "priors.pt"))
     t_priors = time.time() - t0
     base = replace(stored.osro, normalize=True, fidelity=True, residual_refine=True, fusion=True)
-    untuned = replace(base, k=0.5, alpha=0.5, beta=0.5)  # the neutral start the sweep is compared with
+    neutral = OSROConfig()  # the neutral start the sweep is compared with: OSROConfig's default k, α, β
+    untuned = replace(base, **{f: getattr(neutral, f) for f in FACTORS})
     before = cache.score(untuned)
 
     common.init_ray(a.address)

@@ -289,7 +289,8 @@ class DuDoCROP:
 
 def pipeline_config_with(items, base: PipelineConfig = PipelineConfig()) -> PipelineConfig:
     """``base`` with ``["steps=5", "osro.norm=affine"]`` applied: PipelineConfig fields, or OSROConfig fields as
-    ``osro.FIELD`` (Python literals; bare words stay strings). Raises ValueError naming a malformed item or field."""
+    ``osro.FIELD`` (``checks.parse_assignments``: Python literals or JSON; bare words stay strings). Raises
+    ValueError naming a malformed item or field."""
     from dataclasses import fields
 
     top, sub = {}, {}

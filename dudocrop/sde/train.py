@@ -244,8 +244,8 @@ def get_train_config(preset: str, **overrides) -> SDETrainConfig:
 
 
 def parse_overrides(items: Sequence[str]) -> dict:
-    """``["steps=100", "lr=1e-3", "betas=(0.9,0.999)"]`` -> typed overrides (Python literals; bare words stay
-    strings). Raises ValueError naming a malformed item or an unknown field."""
+    """``["steps=100", "lr=1e-3", "betas=(0.9,0.999)"]`` -> typed overrides (``checks.parse_assignments``:
+    Python literals or JSON; bare words stay strings). Raises ValueError naming a malformed item or an unknown field."""
     names = {f.name for f in fields(SDETrainConfig)}
     out = parse_assignments(items)
     for k in out:
