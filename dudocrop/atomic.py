@@ -2,7 +2,8 @@
 
 A reader never sees a half-written model, report, picture or state file under its final name, and a killed
 writer leaves only a ``.tmp`` file behind (shards on any pyarrow file system use
-``dudocrop.data.shards.atomic_write_bytes``).
+``dudocrop.data.shards.atomic_write_bytes``, which comes here for local paths). The file is fsynced before the rename
+and its folder after it, so the new content (not an empty or half-flushed file) is what survives a power loss.
 """
 
 from __future__ import annotations
@@ -27,11 +28,34 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kw) -> Iterator[IO]
     try:
         with os.fdopen(fd, mode, **kw) as f:
             yield f
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make a rename or creation in ``folder`` durable (a no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems (e.g. certain network mounts) refuse fsync on a folder
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+    return Path(path)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -41,6 +41,7 @@ from dudocrop.captions.captioning import FIELDS
 from dudocrop.clip.config import DOMAINS, DuDoCLIPConfig
 from dudocrop.clip.loss import LossTerms, TextTargets, dudoclip_loss, text_ids
 from dudocrop.clip.model import CTEmbeddings, DuDoCLIP
+from dudocrop.serialization import check_shapes, load_torch, plain
 
 #: the shard column each domain's model input comes from (Algorithm 1 step 4: {X_ma, Y_ma} → e^{I1,2}).
 CT_COLUMN = {"image": "X_ma", "sinogram": "Y_ma"}
@@ -105,7 +106,7 @@ def save_dudoclip(path: str, model: DuDoCLIP, meta: Mapping[str, Any] | None = N
                 embed_dim=model.embed_dim, domains=list(model.domains), saved_at=time.time())
     blob = {"format": FILE_FORMAT, "config": dataclasses.asdict(model.config),
             "trainable": {k: v.detach().cpu().clone() for k, v in model.trainable_state_dict().items()},
-            "meta": meta}
+            "meta": plain(meta)}
     torch_save(path, blob)
     return path
 
@@ -123,18 +124,26 @@ def config_from_dict(d: Mapping[str, Any]) -> DuDoCLIPConfig:
 def load_dudoclip(path: str, device: torch.device | str | None = None) -> DuDoCLIP:
     """The model :func:`save_dudoclip` wrote, in eval mode on ``device`` (default CPU).
 
-    The frozen CLIP is rebuilt from the saved config (weights from disk, or random from ``init_seed``) and must
-    match the saved checksum; ValueError names the file otherwise."""
+    The file is read with torch's restricted unpickler (tensors and plain data only: a pickled callable is refused
+    unrun, :class:`~dudocrop.serialization.UnsafeFileError`), and the model is first built on the ``meta`` device
+    and its trainable shapes compared with the stored tensors, so a config that claims a huge model fails before
+    anything is allocated. The frozen CLIP is rebuilt from the saved config (weights from disk, or random from
+    ``init_seed``) and must match the saved checksum; ValueError names the file otherwise."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no DuDoCLIP model file at {path} (written by ray_jobs/train_clip.py as "
                                 "<out>/dudoclip.pt)")
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    blob = load_torch(path, "DuDoCLIP model file")
     if not isinstance(blob, dict) or blob.get("format") != FILE_FORMAT or not {"config", "trainable",
                                                                               "meta"} <= set(blob):
         raise ValueError(f"{path} is not a DuDoCLIP model file (expected format {FILE_FORMAT!r} with config, "
                          f"trainable, meta); a Ray Train checkpoint's state.pt is not one")
     meta = blob["meta"]
+    if not isinstance(meta, dict) or not isinstance(blob["config"], dict) or not isinstance(blob["trainable"], dict):
+        raise ValueError(f"{path}: config, trainable and meta must be dicts")
     cfg = config_from_dict(blob["config"])
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in build_dudoclip(cfg, 0).trainable_state_dict().items()}
+    check_shapes(path, shapes, blob["trainable"])
     model = build_dudoclip(cfg, meta.get("init_seed") or 0)
     got = frozen_checksum(model)
     if meta.get("frozen_sha256") and got != meta["frozen_sha256"]:

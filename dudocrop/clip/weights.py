@@ -289,8 +289,10 @@ def create_clip(arch: str, pretrained: str | None = None, *, image_size: int | N
 
     Returns ``(clip, source, tokenizer)``. The model is on the CPU in fp32 and carries ``clip.is_random`` and
     ``clip.pretrained_source`` (``None`` for random weights). Weights are resolved before anything is built, so
-    absent weights cost no time.
+    absent weights cost no time. Under ``with torch.device("meta")`` the model is built on the meta device and no
+    weights are loaded: its shapes only, at no memory cost (``load_dudoclip`` checks a file against them).
     """
+    meta = torch.get_default_device().type == "meta"
     source = resolve_weights(arch, pretrained, cache_dir=cache_dir, allow_download=allow_download)
     build_name, kwargs, custom_text = source.arch, {}, False
     if source.arch in IN_CODE_ARCHS:
@@ -312,11 +314,11 @@ def create_clip(arch: str, pretrained: str | None = None, *, image_size: int | N
         # weights from the hub here, before the CLIP weights are loaded over them
         clip = open_clip.create_model(build_name, pretrained=None, load_weights=False, force_image_size=force_size,
                                       force_custom_text=custom_text, pretrained_text=False, pretrained_image=False,
-                                      **kwargs)
-    if source.path is not None:
+                                      device="meta" if meta else "cpu", **kwargs)
+    if source.path is not None and not meta:
         _load_into(clip, Path(source.path), source.arch)
         log.info("CLIP weights: %s", source.describe())
-    else:
+    elif not meta:
         log.warning("CLIP weights: RANDOM (arch %s, no pretrained weights); metrics of this run are random-weight",
                     source.arch)
     clip.is_random = source.is_random

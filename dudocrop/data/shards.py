@@ -50,6 +50,13 @@ def _join(base: str, name: str) -> str:
 
 
 def atomic_write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` under a temporary name, then rename it to ``path``; on a local file system through
+    :func:`dudocrop.atomic.write_bytes` (file and folder fsynced, so it survives a power loss too)."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        from dudocrop.atomic import write_bytes
+
+        write_bytes(path, data)
+        return
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     with fs.open_output_stream(tmp) as f:
         f.write(data)
@@ -121,7 +128,8 @@ def cleanup_temporaries(out_dir: str) -> int:
         infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
     except FileNotFoundError:
         return 0
-    stale = [i.path for i in infos if ".tmp-" in i.base_name]
+    stale = [i.path for i in infos if ".tmp-" in i.base_name
+             or (i.base_name.startswith(".") and i.base_name.endswith(".tmp"))]  # dudocrop.atomic's temporaries
     for p in stale:
         fs.delete_file(p)
     return len(stale)

@@ -8,7 +8,7 @@ Eq. 13-15 plus the metrics, milliseconds per slice, so a sweep of thousands of t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
@@ -16,6 +16,7 @@ from dudocrop.atomic import torch_save
 from dudocrop.data.normalize import Normalization
 from dudocrop.metrics.image import body_mask, image_metrics
 from dudocrop.pipeline.osro import OSROConfig, fuse
+from dudocrop.serialization import load_torch
 
 __all__ = ["FusionCache", "rank"]
 
@@ -84,11 +85,18 @@ class FusionCache:
         return c, m
 
     def save(self, path: str) -> None:
-        torch_save(path, self.__dict__)
+        """Tensors and plain data (the normalisation as a dict), so :meth:`load` needs no unpickling of objects."""
+        torch_save(path, {**self.__dict__, "norm": asdict(self.norm)})
 
     @classmethod
     def load(cls, path: str) -> FusionCache:
-        return cls(**torch.load(path, map_location="cpu", weights_only=False))
+        """The cache :meth:`save` wrote; tensors and plain data only (a pickled callable is refused unrun)."""
+        d = load_torch(path, "fusion cache (priors.pt)")
+        names = {f.name for f in fields(cls)}
+        if not isinstance(d, dict) or set(d) != names:
+            raise ValueError(f"{path} is not a fusion cache: expected the keys {sorted(names)}, got "
+                             f"{sorted(d) if isinstance(d, dict) else type(d).__name__}")
+        return cls(**{**d, "norm": Normalization(**d["norm"])})
 
 
 def rank(scores: dict[str, float]) -> tuple[float, float]:

@@ -20,7 +20,6 @@ Domains (μ -> F_0, all mapped to [0, 1] by :class:`dudocrop.data.normalize.Norm
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import time
@@ -39,6 +38,7 @@ from dudocrop.data.normalize import Normalization, neutral_level
 from dudocrop.sde.config import SDEConfig, UNetConfig, get_sde_config, get_unet_config
 from dudocrop.sde.irsde import IRSDE
 from dudocrop.sde.unet import ConditionalUNet, with_precision
+from dudocrop.serialization import check_shapes, load_torch, plain
 from dudocrop.train.rows import SliceRows, batch_indices
 from dudocrop.train.state import EMA, cosine_lr, step_generator, step_rng, unwrap
 
@@ -635,35 +635,28 @@ def save_sde_model(path: str, unet: nn.Module, ema, meta: Mapping | None = None,
             "normalization": None if normalization is None else asdict(normalization),
             "sinogram_mu": train.get("sinogram_mu", "ma"), "image_mu": train.get("image_mu", "ma"),
             "tile": train.get("sample_tile"),
-            "use_embeddings": net.config.use_embeddings, "meta": _plain(meta)}
+            "use_embeddings": net.config.use_embeddings, "meta": plain(meta)}
     torch_save(path, blob)
     return path
 
 
-def _plain(x):
-    """Meta values as plain Python (the file loads with weights_only=True)."""
-    if isinstance(x, Mapping):
-        return {str(k): _plain(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_plain(v) for v in x]
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return _plain(asdict(x))
-    if isinstance(x, np.generic):
-        return x.item()
-    if x is None or isinstance(x, bool | int | float | str):
-        return x
-    return str(x)
-
-
 def load_sde_model(path: str, device: torch.device | str | None = None) -> SDEModel:
-    """The model saved by :func:`save_sde_model`, on ``device`` (default CPU), in eval mode."""
+    """The model saved by :func:`save_sde_model`, on ``device`` (default CPU), in eval mode.
+
+    Tensors and plain data only (torch's restricted unpickler); the U-Net is first built on the ``meta`` device and
+    its shapes compared with the stored weights, so a config claiming far more parameters than the file holds
+    fails before any allocation."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no SDE model at {path}: train it with ray_jobs/train_sde.py")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    missing = [k for k in ("domain", "unet_config", "sde_config", "weights") if k not in blob]
+    blob = load_torch(path, "SDE model file")
+    missing = [k for k in ("domain", "unet_config", "sde_config", "weights") if k not in blob] \
+        if isinstance(blob, dict) else ["everything: not a dict"]
     if missing:
         raise ValueError(f"{path} is not an SDE model file (missing {missing})")
     ucfg = {k: tuple(v) if isinstance(v, list) else v for k, v in blob["unet_config"].items()}
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in ConditionalUNet(UNetConfig(**ucfg)).state_dict().items()}
+    check_shapes(path, shapes, blob["weights"])
     unet = ConditionalUNet(UNetConfig(**ucfg))
     unet.load_state_dict(blob["weights"])
     unet.to(device or "cpu").eval()

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from dudocrop.atomic import torch_save
+from dudocrop.serialization import load_torch
 
 STATE_FILE = "state.pt"
 
@@ -90,8 +91,10 @@ def save_state(directory: str, state: Mapping) -> str:
 
 
 def load_state(directory: str, map_location: str | torch.device = "cpu") -> dict:
-    """The state saved by :func:`save_state` (raises FileNotFoundError naming the file)."""
+    """The state saved by :func:`save_state` (raises FileNotFoundError naming the file). Tensors and plain data
+    only: a ``checkpoint_*`` folder under a shared storage path is not trusted to run code
+    (:class:`~dudocrop.serialization.UnsafeFileError`)."""
     path = os.path.join(directory, STATE_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no training state at {path}")
-    return torch.load(path, map_location=map_location, weights_only=False)
+    return load_torch(path, "training state", map_location=map_location)

@@ -1,0 +1,159 @@
+"""Hostile files and concurrent runs (issue 20, Critical / High): loading a file never runs code from it, a
+config claiming a huge model fails before allocating, writes are durable, runs do not destroy each other's data."""
+
+from __future__ import annotations
+
+import os
+import resource
+
+import numpy as np
+import pytest
+import torch
+
+from dudocrop.serialization import UnsafeFileError
+
+
+class _Payload:
+    """Unpickling this runs ``touch <marker>``: what a hostile model file would do with os.system."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _check_refused_unrun(load, path, marker):
+    with pytest.raises(UnsafeFileError, match=str(path.name)):
+        load(str(path))
+    assert not marker.exists(), "the loader ran the file's pickled call"
+    # the payload is live: an unrestricted torch.load runs it (what the loaders did before)
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+def test_dudoclip_loader_does_not_run_a_pickled_call(tmp_path):
+    from dudocrop.clip.train import FILE_FORMAT, load_dudoclip
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "dudoclip.pt"
+    torch.save({"format": FILE_FORMAT, "config": {}, "trainable": {}, "meta": {"x": _Payload(marker)}}, path)
+    _check_refused_unrun(load_dudoclip, path, marker)
+
+
+def test_training_state_loader_does_not_run_a_pickled_call(tmp_path):
+    from dudocrop.train.state import STATE_FILE, load_state, save_state
+
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "checkpoint_000001"
+    ckpt.mkdir()
+    torch.save({"step": 3, "model": _Payload(marker)}, ckpt / STATE_FILE)
+    _check_refused_unrun(lambda p: load_state(str(ckpt)), ckpt / STATE_FILE, marker)
+    # what the training jobs save still loads (optimizer state, EMA, plain history)
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters(), betas=(0.9, 0.99))
+    net(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    good = tmp_path / "good"
+    save_state(str(good), {"model": net.state_dict(), "optimizer": opt.state_dict(), "step": 1,
+                           "history": [{"step": 1, "top1": 0.5}], "config": {"ch_mult": (1, 2)}})
+    back = load_state(str(good))
+    assert back["step"] == 1 and torch.equal(back["model"]["weight"], net.weight.detach())
+    opt.load_state_dict(back["optimizer"])
+
+
+def test_fusion_cache_loader_does_not_run_a_pickled_call(tmp_path):
+    from dudocrop.data.normalize import Normalization
+    from dudocrop.eval.fusion import FusionCache
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "priors.pt"
+    torch.save({"X_p": torch.zeros(1), "norm": _Payload(marker)}, path)
+    _check_refused_unrun(FusionCache.load, path, marker)
+    # a real cache round-trips (its Normalization saved as plain data)
+    t = torch.rand(2, 1, 4, 4)
+    cache = FusionCache(t, t, None, t > 0.5, t, t, t, t > 0.1, Normalization.for_geometry("tiny"), ["a", "b"])
+    cache.save(str(tmp_path / "ok.pt"))
+    back = FusionCache.load(str(tmp_path / "ok.pt"))
+    assert back.norm == cache.norm and back.case_ids == ["a", "b"] and torch.equal(back.X_p, t)
+
+
+def _tiny_sde_file(tmp_path):
+    from dudocrop.sde.train import build_training, get_train_config, save_sde_model
+
+    cfg = get_train_config("tiny", context_dim=8)
+    unet, ema, _, _ = build_training(cfg)
+    return save_sde_model(str(tmp_path / "sde_image.pt"), unet, ema, {"domain": "image"},
+                          sde_config=cfg.sde_config())
+
+
+def test_sde_loader_refuses_a_pickled_call_and_a_config_larger_than_its_weights(tmp_path):
+    from dudocrop.sde.config import UNetConfig
+    from dudocrop.sde.train import load_sde_model
+    from dudocrop.sde.unet import ConditionalUNet
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"domain": "image", "unet_config": {}, "sde_config": {}, "weights": {}, "meta": _Payload(marker)},
+               evil)
+    _check_refused_unrun(load_sde_model, evil, marker)
+
+    path = _tiny_sde_file(tmp_path)
+    blob = torch.load(path, weights_only=True)
+    blob["unet_config"]["nf"] = 1024  # the small file's config now claims a model of ~1e9 parameters
+    with torch.device("meta"):
+        claimed = sum(p.numel() for p in ConditionalUNet(UNetConfig(**{
+            k: tuple(v) if isinstance(v, list) else v for k, v in blob["unet_config"].items()})).parameters())
+    assert claimed > 5e8
+    torch.save(blob, tmp_path / "huge.pt")
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    with pytest.raises(ValueError, match="huge.pt: the stored weights do not fit"):
+        load_sde_model(str(tmp_path / "huge.pt"))
+    grew_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    assert grew_mib < 0.1 * claimed * 4 / 2**20, f"the refused load allocated {grew_mib:.0f} MiB"
+    assert load_sde_model(path).domain == "image"  # the honest file still loads
+
+
+def test_dudoclip_loader_compares_shapes_before_building(tmp_path):
+    from dudocrop.clip.train import build_dudoclip, load_dudoclip, save_dudoclip
+
+    path = save_dudoclip(str(tmp_path / "dudoclip.pt"), build_dudoclip("tiny", 3), init_seed=3)
+    blob = torch.load(path, weights_only=True)
+    k = next(iter(blob["trainable"]))
+    blob["trainable"][k] = torch.zeros(3, 5)
+    torch.save(blob, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=f"bad.pt: the stored weights do not fit.*{k}"):
+        load_dudoclip(str(tmp_path / "bad.pt"))
+    assert load_dudoclip(path).meta["init_seed"] == 3
+
+
+# ---- durable writes ----------------------------------------------------------------------------------------------
+def test_atomic_writers_fsync_file_and_folder(tmp_path, monkeypatch):
+    import stat
+
+    import pyarrow.fs as pafs
+
+    from dudocrop.atomic import write_json
+    from dudocrop.data.shards import atomic_write_bytes
+
+    synced = []
+    real = os.fsync
+
+    def spy(fd):
+        synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    write_json(tmp_path / "a.json", {"x": 1})
+    assert synced == [False, True], "file, then its folder"
+    synced.clear()
+    atomic_write_bytes(pafs.LocalFileSystem(), str(tmp_path / "b.bin"), b"abc")
+    assert synced == [False, True] and (tmp_path / "b.bin").read_bytes() == b"abc"
+    assert sorted(os.listdir(tmp_path)) == ["a.json", "b.bin"]
+
+
+def test_plain_makes_metadata_loadable_without_unpickling_objects():
+    from dudocrop.serialization import plain
+
+    x = plain({"a": np.float32(1.5), "b": (1, 2), 3: np.arange(2), "t": torch.ones(1)})
+    assert x["a"] == 1.5 and x["b"] == [1, 2] and x["3"] == [0, 1] and isinstance(x["t"], torch.Tensor)
