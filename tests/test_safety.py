@@ -157,3 +157,41 @@ def test_plain_makes_metadata_loadable_without_unpickling_objects():
 
     x = plain({"a": np.float32(1.5), "b": (1, 2), 3: np.arange(2), "t": torch.ones(1)})
     assert x["a"] == 1.5 and x["b"] == [1, 2] and x["3"] == [0, 1] and isinstance(x["t"], torch.Tensor)
+
+
+# ---- shards read against the manifest ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Two train slices and one val slice (tiny synthetic) with their manifest."""
+    from dudocrop.ct.geometry import get_geometry
+    from dudocrop.data.build import ShardSpec, SourceOptions, build_shard, list_case_refs
+    from dudocrop.data.shards import write_manifest
+
+    out = tmp_path_factory.mktemp("shards")
+    opts = SourceOptions(source="synthetic", geometry="tiny", n_patients=3, slices_per_patient=1)
+    refs = list_case_refs(opts)
+    infos = [build_shard(ShardSpec("train-00000.parquet", "train", tuple(refs[:2])), opts, str(out)),
+             build_shard(ShardSpec("val-00000.parquet", "val", tuple(refs[2:])), opts, str(out))]
+    write_manifest(str(out), infos, get_geometry("tiny").to_dict(), {"test": True})
+    return out
+
+
+def test_load_split_refuses_a_shard_replaced_after_the_manifest(shards, tmp_path):
+    import shutil
+
+    from dudocrop.data.shards import CorruptShardError
+    from dudocrop.train import load_split
+
+    data = tmp_path / "data"
+    shutil.copytree(shards, data)
+    val = load_split(str(data), "val", ["X_ma", "patient_id"])
+    train = load_split(str(data), "train", ["X_ma", "patient_id"])
+    assert set(val.columns["patient_id"]).isdisjoint(train.columns["patient_id"])
+    # a train shard copied over the val shard: a training patient would be validated on
+    shutil.copy(data / "train-00000.parquet", data / "val-00000.parquet")
+    with pytest.raises(CorruptShardError, match="val-00000.parquet does not match the manifest"):
+        load_split(str(data), "val", ["X_ma"])
+    assert len(load_split(str(data), "train", ["X_ma"])) == 2  # untouched shards still read
+    (data / "train-00000.parquet").unlink()
+    with pytest.raises(CorruptShardError, match="train-00000.parquet named by the manifest is missing"):
+        load_split(str(data), "train", ["X_ma"])

@@ -9,6 +9,7 @@ read tasks that starve on small nodes (REFERENCE §6).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dudocrop.data.schema import ARRAY_FIELDS, SPLITS
-from dudocrop.data.shards import read_manifest, resolve
+from dudocrop.data.shards import CorruptShardError, read_manifest, resolve
 from dudocrop.data.sidecar import KEY_COLUMNS, join_sidecar, read_sidecar
 
 
@@ -49,9 +50,29 @@ def _to_columns(table: pa.Table) -> dict[str, np.ndarray | list]:
     return out
 
 
+def _read_verified(fs, path: str, sha256: str | None) -> pa.BufferReader:
+    """The shard's bytes, after checking them against the manifest's sha256 (refused when it records none)."""
+    if not sha256:
+        raise CorruptShardError(f"the manifest records no sha256 for shard {path}: re-run ray_jobs/prepare_data.py")
+    try:
+        with fs.open_input_file(path) as f:
+            data = f.read()
+    except FileNotFoundError as e:
+        raise CorruptShardError(f"shard {path} named by the manifest is missing") from e
+    got = hashlib.sha256(data).hexdigest()
+    if got != sha256:
+        raise CorruptShardError(f"shard {path} does not match the manifest (sha256 {got[:12]}… != {sha256[:12]}…): "
+                                "it was replaced or damaged after prepare_data wrote it; re-run prepare_data")
+    return pa.BufferReader(data)
+
+
 def load_split(data_dir: str, split: str, columns: Sequence[str],
                sidecars: Mapping[str, Sequence[str]] | None = None) -> SliceRows:
     """Rows of ``split`` with the shard ``columns`` and, per sidecar kind, its listed columns joined by case_id.
+
+    Each shard's bytes are checked against the manifest's sha256 as they are read (one read, hashed, then parsed
+    from memory), so a shard replaced after the manifest was written (a train shard copied over a val shard puts a
+    training patient into validation) raises :class:`~dudocrop.data.shards.CorruptShardError` naming the file.
 
     Raises FileNotFoundError when the data folder has no manifest, ValueError for an unknown split or columns a
     shard does not have, and the sidecar join's errors for missing or stale derived data."""
@@ -67,11 +88,12 @@ def load_split(data_dir: str, split: str, columns: Sequence[str],
         if s["split"] != split:
             continue
         path = f"{base}/{s['name']}"
-        have = pq.read_schema(path, filesystem=fs).names
+        buf = _read_verified(fs, path, s.get("sha256"))
+        have = pq.read_schema(buf).names
         bad = [c for c in want if c not in have]
         if bad:
             raise ValueError(f"shard {path} has no columns {bad} (it has {have})")
-        t = pq.read_table(path, filesystem=fs, columns=want)
+        t = pq.read_table(buf, columns=want)
         for kind, cols in (sidecars or {}).items():
             side = read_sidecar(data_dir, kind, s["name"], list(cols))
             if side is None:
