@@ -163,9 +163,29 @@ def _invalidate(out: str, stage: str) -> None:
     except ValueError:  # a damaged marker names no run folder
         result = {}
     os.remove(marker)
-    run_dir = result.get("run_dir")  # the training jobs report the Ray Train run folder they used
+    run_dir = _own_run_dir(out, result)
     if run_dir and os.path.isdir(run_dir):
         shutil.rmtree(run_dir)
+
+
+def _inside(out: str, path: str) -> bool:
+    """``path`` lies strictly inside the folder ``out`` (symbolic links resolved)."""
+    out, path = os.path.realpath(out), os.path.realpath(path)
+    return path != out and os.path.commonpath([out, path]) == out
+
+
+def _own_run_dir(out: str, result: dict) -> str | None:
+    """The Ray Train run folder a stage's marker names, if it lies inside ``out``; a marker's absolute
+    ``run_dir`` outside it (an output folder copied elsewhere still names the original's) is re-rooted by the
+    marker's ``run_dir_rel``, or left alone: nothing outside ``--out`` is ever deleted."""
+    run_dir, rel = result.get("run_dir"), result.get("run_dir_rel")
+    if run_dir and "://" not in run_dir and _inside(out, run_dir):
+        return run_dir
+    if rel and _inside(out, os.path.join(out, rel)):
+        return os.path.join(out, rel)
+    if run_dir:
+        print(f"train_all: not deleting {run_dir}: it lies outside {out}", flush=True)
+    return None
 
 
 # ---- MLflow -----------------------------------------------------------------------------------------------------
@@ -284,6 +304,9 @@ def run(a: argparse.Namespace) -> dict:
         print(f"train_all: [{stage}] running: {' '.join(argv)}", flush=True)
         dt, result, run_id = _run_stage(stage, argv, tracking)
         tracking.finish(run_id, dt, result, _artifacts(stage, out))
+        run_dir = (result or {}).get("run_dir")
+        if run_dir and "://" not in str(run_dir) and _inside(out, run_dir):  # so a copy of out finds its own
+            result = {**result, "run_dir_rel": os.path.relpath(os.path.realpath(run_dir), os.path.realpath(out))}
         _write_marker(out, stage, {"fingerprint": fp, "argv": argv, "seconds": dt, "mlflow_run_id": run_id,
                                    "result": result})
         summary[stage] = {"status": "ran", "seconds": round(dt, 1)}

@@ -195,3 +195,37 @@ def test_load_split_refuses_a_shard_replaced_after_the_manifest(shards, tmp_path
     (data / "train-00000.parquet").unlink()
     with pytest.raises(CorruptShardError, match="train-00000.parquet named by the manifest is missing"):
         load_split(str(data), "train", ["X_ma"])
+
+
+# ---- runs that must not destroy each other's data ------------------------------------------------------------------
+def test_invalidate_deletes_only_inside_out(tmp_path):
+    import json
+    import shutil
+
+    from ray_jobs.train_all import _invalidate, _marker
+
+    orig = tmp_path / "orig"
+    run = orig / "models" / "ray_train" / "sde_image"
+    (run / "checkpoint_000001").mkdir(parents=True)
+    (run / "checkpoint_000001" / "state.pt").write_bytes(b"weights")
+    (orig / "stages").mkdir()
+    result = {"run_dir": str(run), "run_dir_rel": "models/ray_train/sde_image"}
+    (orig / "stages" / "sde_image.json").write_text(json.dumps({"fingerprint": "x", "result": result}))
+    # an older marker (no run_dir_rel) and one naming an unrelated folder
+    old = {"run_dir": str(run)}
+    (orig / "stages" / "sde_sinogram.json").write_text(json.dumps({"fingerprint": "x", "result": old}))
+    victim = tmp_path / "elsewhere"
+    victim.mkdir()
+    (orig / "stages" / "clip.json").write_text(json.dumps({"fingerprint": "x", "result": {"run_dir": str(victim)}}))
+    copy = tmp_path / "copy"
+    shutil.copytree(orig, copy)
+
+    _invalidate(str(copy), "sde_image")  # the copy's marker names the ORIGINAL's absolute run folder
+    assert (run / "checkpoint_000001" / "state.pt").exists(), "the original's checkpoints were deleted"
+    assert not (copy / "models" / "ray_train" / "sde_image").exists()  # the copy's own were
+    assert not os.path.exists(_marker(str(copy), "sde_image"))
+    _invalidate(str(copy), "sde_sinogram")
+    _invalidate(str(copy), "clip")
+    assert run.exists() and victim.exists()
+    _invalidate(str(orig), "sde_image")  # inside its own --out it still cleans up
+    assert not run.exists()
