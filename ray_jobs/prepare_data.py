@@ -28,6 +28,7 @@ from dudocrop.data.shards import (
     resolve,
     write_manifest,
 )
+from dudocrop.lock import folder_lock
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -89,6 +90,12 @@ def completed_shards(out: str, specs: list[ShardSpec]) -> dict[str, ShardInfo]:
 
 
 def run(a: argparse.Namespace) -> dict:
+    """Build the missing or stale shards and write the manifest, holding ``--out``'s lock (dudocrop.lock)."""
+    with folder_lock(a.out, "prepare_data " + json.dumps(vars(a), default=str)):
+        return _run(a)
+
+
+def _run(a: argparse.Namespace) -> dict:
     import numba
     import ray
 

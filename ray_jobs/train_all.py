@@ -28,6 +28,7 @@ from dataclasses import asdict, fields
 from dudocrop.atomic import write_json
 from dudocrop.checks import parse_assignments
 from dudocrop.config import RUN_PRESETS, RunPreset, get_run_preset
+from dudocrop.lock import folder_lock
 from ray_jobs import common
 
 STAGES = ("prepare", "caption", "clip", "embed", "sde_image", "sde_sinogram", "priors", "sde_residual",
@@ -278,6 +279,12 @@ def _run_stage(stage: str, argv: list[str], tracking: Tracking) -> tuple[float, 
 
 
 def run(a: argparse.Namespace) -> dict:
+    """Run the wanted stages into ``--out``, holding its lock (dudocrop.lock) so no second run writes there."""
+    with folder_lock(os.path.abspath(a.out), "train_all " + json.dumps(vars(a), default=str)):
+        return _run(a)
+
+
+def _run(a: argparse.Namespace) -> dict:
     p = resolve_preset(a)
     out = os.path.abspath(a.out)
     os.makedirs(out, exist_ok=True)

@@ -52,6 +52,7 @@ from dudocrop.clip.train import (  # noqa: E402
     row_columns,
     save_dudoclip,
 )
+from dudocrop.lock import folder_lock  # noqa: E402
 
 log = logging.getLogger("train_clip")
 
@@ -290,11 +291,16 @@ def run(args: argparse.Namespace | Mapping[str, Any] | Sequence[str] | None = No
 
     ``args``: parsed CLI options, a mapping of them (``{"data": D, "out": O, "preset": "tiny", "workers": 2,
     "set": {"epochs": 300}, "mlflow_uri": ..., "mlflow_run_id": ...}``; keys as the CLI's with ``_``), or CLI
-    words. Starts or joins Ray (``common.init_ray``)."""
+    words. Starts or joins Ray (``common.init_ray``). Holds ``--out``'s lock (dudocrop.lock) while it runs."""
+    a = _namespace(args)
+    with folder_lock(a.out, "train_clip " + json.dumps(vars(a), default=str)):
+        return _run(a)
+
+
+def _run(a: argparse.Namespace) -> dict:
     from dudocrop.data.shards import atomic_write_bytes, resolve
     from ray_jobs import common
 
-    a = _namespace(args)
     t0 = time.time()
     cfg, mcfg, tcfg, counts = loop_config(a)
     random_towers = mcfg.pretrained is None

@@ -32,6 +32,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from dudocrop.data.normalize import Normalization  # noqa: E402
+from dudocrop.lock import folder_lock  # noqa: E402
 from dudocrop.sde.train import (  # noqa: E402
     SDE_DOMAINS,
     TRAIN_PRESETS,
@@ -128,7 +129,14 @@ def train_loop(config: dict) -> None:
             common.maybe_fail(config, done)
 
 
-def run(data: str, out: str, domain: str = "image", preset: str = "tiny", *, workers: int = 1,
+def run(data: str, out: str, domain: str = "image", preset: str = "tiny", **kw) -> dict:
+    """:func:`_train` holding ``out``'s lock (dudocrop.lock), so no second run writes the same model files and
+    checkpoints; keywords as :func:`_train`'s."""
+    with folder_lock(out, f"train_sde --domain {domain} --data {data} --out {out} --preset {preset}"):
+        return _train(data, out, domain, preset, **kw)
+
+
+def _train(data: str, out: str, domain: str = "image", preset: str = "tiny", *, workers: int = 1,
         use_gpu: bool = False, cpus_per_worker: float = 1.0, max_failures: int = 2,
         use_embeddings: bool | None = None, overrides: dict | None = None, mlflow_uri: str | None = None,
         mlflow_run_id: str | None = None, name: str | None = None, extra_config: dict | None = None,

@@ -229,3 +229,40 @@ def test_invalidate_deletes_only_inside_out(tmp_path):
     assert run.exists() and victim.exists()
     _invalidate(str(orig), "sde_image")  # inside its own --out it still cleans up
     assert not run.exists()
+
+
+def test_output_folder_lock_names_its_holder_refuses_a_second_run_and_is_taken_over_when_stale(tmp_path):
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    from dudocrop.lock import LOCK_NAME, FolderLockedError, folder_lock, lock_holder
+    from ray_jobs import prepare_data
+
+    out = tmp_path / "data"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom dudocrop.lock import folder_lock\n"
+         f"with folder_lock({str(out)!r}, 'the other run'):\n    print('held', flush=True)\n    time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        # the other run's half-written shard: a second prepare_data must not clean it up
+        (out / "train-00000.parquet.tmp-0123abcd").write_bytes(b"being written")
+        with pytest.raises(FolderLockedError, match=f"in use by pid {holder.pid} on .*command: the other run"):
+            prepare_data.run(prepare_data.parse_args(["--out", str(out)]))
+        assert (out / "train-00000.parquet.tmp-0123abcd").exists()
+        with pytest.raises(FolderLockedError):
+            with folder_lock(out):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # its holder was SIGKILLed: the lock is stale and the next run takes it over
+    assert lock_holder(out)["pid"] == holder.pid
+    with folder_lock(out, "me") as path:
+        assert json.loads(open(path).read())["pid"] == os.getpid()
+        with folder_lock(out):  # re-entrant within one process (train_all's stages, the stage-2 threads)
+            pass
+        assert os.path.exists(path)
+    assert not (out / LOCK_NAME).exists()
