@@ -18,7 +18,14 @@ import time
 from dataclasses import asdict
 
 from dudocrop.ct.geometry import get_geometry
-from dudocrop.data.build import ShardSpec, SourceOptions, build_shard, list_case_refs, plan_shards
+from dudocrop.data.build import (
+    ShardSpec,
+    SourceOptions,
+    build_shard,
+    list_case_refs,
+    plan_shards,
+    shard_fingerprint,
+)
 from dudocrop.data.schema import SCHEMA_VERSION
 from dudocrop.data.shards import (
     ShardInfo,
@@ -66,8 +73,9 @@ def _sidecar(name: str) -> str:
     return f"{name}.info.json"
 
 
-def completed_shards(out: str, specs: list[ShardSpec]) -> dict[str, ShardInfo]:
-    """Shards already written whose bytes still match the checksum in their sidecar."""
+def completed_shards(out: str, specs: list[ShardSpec], opts: SourceOptions | None = None) -> dict[str, ShardInfo]:
+    """Shards already written whose bytes still match the checksum in their sidecar and, when ``opts`` is given,
+    that were built from the same slices and options (the sidecar's ``options_sha256``, build.shard_fingerprint)."""
     fs, base = resolve(out)
     done = {}
     for s in specs:
@@ -75,8 +83,14 @@ def completed_shards(out: str, specs: list[ShardSpec]) -> dict[str, ShardInfo]:
         path = f"{base}/{s.name}"
         try:
             with fs.open_input_stream(side) as f:
-                info = ShardInfo(**json.loads(f.read()))
+                record = json.loads(f.read())
+            recorded = record.pop("options_sha256", None)
+            info = ShardInfo(**record)
         except (FileNotFoundError, OSError, ValueError, TypeError):
+            continue
+        if opts is not None and recorded != shard_fingerprint(s, opts):
+            print(f"prepare_data: shard {path} was built from other slices or options (geometry, seed, ...) than "
+                  "this run's; rebuilding it", flush=True)
             continue
         try:
             ok = file_sha256(fs, path) == info.sha256 and info.rows == len(s.refs)
@@ -105,7 +119,7 @@ def _run(a: argparse.Namespace) -> dict:
     refs = list_case_refs(opts)
     specs = plan_shards(refs, a.shard_slices, a.val_fraction, a.test_fraction)
     removed = cleanup_temporaries(a.out)
-    done = completed_shards(a.out, specs)
+    done = completed_shards(a.out, specs, opts)
     todo = [s for s in specs if s.name not in done]
     print(f"prepare_data: listed {len(refs)} slices from {opts.source} -> {len(specs)} shards "
           f"({len(done)} already complete, {len(todo)} to build, {removed} stale temporaries removed) "
@@ -124,7 +138,8 @@ def _run(a: argparse.Namespace) -> dict:
             spec = ShardSpec.from_json(row["spec"])
             info = build_shard(spec, opts, out)
             fs, base = resolve(out)
-            atomic_write_bytes(fs, f"{base}/{_sidecar(spec.name)}", json.dumps(asdict(info)).encode())
+            record = {**asdict(info), "options_sha256": shard_fingerprint(spec, opts)}
+            atomic_write_bytes(fs, f"{base}/{_sidecar(spec.name)}", json.dumps(record).encode())
             return {"info": json.dumps(asdict(info))}
 
         t1 = time.time()

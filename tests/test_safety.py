@@ -266,3 +266,21 @@ def test_output_folder_lock_names_its_holder_refuses_a_second_run_and_is_taken_o
             pass
         assert os.path.exists(path)
     assert not (out / LOCK_NAME).exists()
+
+
+def test_prepare_data_rebuilds_shards_built_with_other_options(ray_session, tmp_path, capsys):
+    from ray_jobs import prepare_data
+
+    def prep(out, *extra):
+        capsys.readouterr()
+        m = prepare_data.run(prepare_data.parse_args(["--out", str(out), "--n-patients", "2", "--slices-per-patient",
+                                                      "1", "--shard-slices", "1", *extra]))
+        return {s["name"]: s["sha256"] for s in m["shards"]}, capsys.readouterr().out
+
+    first, _ = prep(tmp_path / "data", "--seed", "0")
+    again, log = prep(tmp_path / "data", "--seed", "0")
+    assert again == first and f"{len(first)} already complete, 0 to build" in log
+    changed, log = prep(tmp_path / "data", "--seed", "1")  # other phantoms under the same shard names
+    assert f"0 already complete, {len(first)} to build" in log and "built from other slices or options" in log
+    fresh, _ = prep(tmp_path / "fresh", "--seed", "1")
+    assert changed == fresh and set(changed) == set(first) and changed != first

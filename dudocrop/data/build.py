@@ -53,6 +53,16 @@ class ShardSpec:
         return cls(d["name"], d["split"], tuple(CaseRef(**r) for r in d["refs"]))
 
 
+def shard_fingerprint(spec: ShardSpec, opts: SourceOptions) -> str:
+    """sha256 of everything that decides a shard's content: its slices, split, the source options (geometry,
+    seed, simulation, ...) and the schema version. A shard on disk is reused only under the same fingerprint, so a
+    re-run with other options never keeps arrays that do not match the new manifest."""
+    from dudocrop.data.schema import SCHEMA_VERSION
+
+    blob = {"spec": json.loads(spec.to_json()), "options": asdict(opts), "schema_version": SCHEMA_VERSION}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class SourceOptions:
     """Everything that determines the content of a slice (recorded in the manifest)."""
