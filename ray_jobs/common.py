@@ -28,6 +28,7 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from dudocrop.serialization import UnsafeFileError
 from dudocrop.train.state import load_state, save_state
 
 # ---- job arguments ----------------------------------------------------------------------------------------------
@@ -175,6 +176,21 @@ def _newer_persisted(registered: Checkpoint | None) -> list[Checkpoint]:
     names = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory
                     and i.base_name.startswith("checkpoint_") and i.base_name > after), reverse=True)
     return [Checkpoint(path=f"{root.rstrip('/')}/{n}", filesystem=fs) for n in names]
+
+
+def newest_state(run_dir: str) -> dict | None:
+    """The state of the newest loadable ``checkpoint_*`` folder of a local Ray Train run folder (None if none),
+    read on the driver before a run resumes (train_sde checks it was trained with the same settings)."""
+    if "://" in run_dir or not os.path.isdir(run_dir):
+        return None
+    for name in sorted((n for n in os.listdir(run_dir) if n.startswith("checkpoint_")), reverse=True):
+        try:
+            return load_state(os.path.join(run_dir, name))
+        except UnsafeFileError:
+            raise
+        except Exception:  # noqa: BLE001 - no state.pt or a truncated one (cut short by a kill): resume() skips it too
+            continue
+    return None
 
 
 def report(metrics: Mapping[str, float], state: Callable[[], Mapping] | None = None) -> None:

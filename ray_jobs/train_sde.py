@@ -19,6 +19,7 @@ of one driver.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -69,6 +70,44 @@ def _load_val(data: str, cols, side, n: int, derive=lambda rows: rows):
     return None
 
 
+#: SDETrainConfig fields a resumed run may change: how often it logs, validates and checkpoints, and the
+#: inference tile; every other field (and the data) changes what the weights are.
+RESUMABLE_CHANGES = ("checkpoint_every", "validate_every", "val_slices", "val_steps", "log_every", "sample_tile")
+
+
+def run_identity(cfg: SDETrainConfig, data: str) -> dict:
+    """What a checkpoint must share with this run to be resumed: the training config (less RESUMABLE_CHANGES)
+    and the sha256 of the data manifest's shard checksums (another dataset, wherever it lies; the folder's path
+    is left out so a copied output folder still resumes). Sidecars (embeddings, priors) are not covered:
+    train_all re-runs a stage whose inputs changed from scratch."""
+    from dudocrop.data.shards import read_manifest
+
+    manifest = read_manifest(data) or {}
+    shards = hashlib.sha256(json.dumps([(s.get("name"), s.get("sha256")) for s in manifest.get("shards", [])])
+                            .encode()).hexdigest()
+    config = {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES}
+    return json.loads(json.dumps({"config": config, "data_shards_sha256": shards}, default=str))
+
+
+def check_resumable(run_dir: str, identity: dict) -> None:
+    """Refuse (ValueError naming the folder and the differing settings) to resume the Ray Train run in
+    ``run_dir`` when its newest loadable checkpoint was trained with another :func:`run_identity`; a missing or
+    empty folder is a fresh start."""
+    from ray_jobs.common import newest_state
+
+    state = newest_state(run_dir)
+    if state is None or state.get("identity") == identity:
+        return
+    old = state.get("identity") or {}
+    flat = lambda d: {**{f"config.{k}": v for k, v in d.get("config", {}).items()},  # noqa: E731
+                      **{k: v for k, v in d.items() if k != "config"}}
+    a, b = flat(old), flat(identity)
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    raise ValueError(f"train_sde: the checkpoints in {run_dir} were trained with other settings or data "
+                     f"({', '.join(f'{k}: {a.get(k)!r} -> {b.get(k)!r}' for k in diff[:6])}); resuming them would "
+                     "label old weights with the new settings. Use another --out, or remove that run folder")
+
+
 def train_loop(config: dict) -> None:
     """The Ray Train loop of one domain (every worker). ``config``: {"data", "train": SDETrainConfig dict,
     "mlflow_uri", "mlflow_run_id", fault-injection keys}."""
@@ -96,6 +135,9 @@ def train_loop(config: dict) -> None:
     unet, ema, opt, sde = build_training(cfg, device, ctx)
     start = 0
     state = common.resume()
+    if state is not None and state.get("identity") != config["identity"]:
+        raise ValueError("train_sde: the checkpoint to resume was trained with other settings or data "
+                         "(run_identity); use another --out or remove the run folder")
     if state is not None:
         unet.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -106,7 +148,7 @@ def train_loop(config: dict) -> None:
 
     def state_fn(step: int):
         return lambda: {"model": unwrap(model).state_dict(), "optimizer": opt.state_dict(), "ema": ema.state_dict(),
-                        "step": step, "config": cfg.to_dict()}
+                        "step": step, "config": cfg.to_dict(), "identity": config["identity"]}
 
     t0, seen = time.perf_counter(), 0
     with common.mlflow_run(config.get("mlflow_uri"), config.get("mlflow_run_id") if rank == 0 else None) as log:
@@ -161,7 +203,10 @@ def _train(data: str, out: str, domain: str = "image", preset: str = "tiny", *, 
     common.init_ray(address)
     name = name or f"sde_{domain}"
     storage = os.path.join(os.path.abspath(out), "ray_train")
-    loop_cfg = {"data": data, "train": cfg.to_dict(), "mlflow_uri": mlflow_uri, "mlflow_run_id": mlflow_run_id,
+    identity = run_identity(cfg, data)
+    check_resumable(os.path.join(storage, name), identity)
+    loop_cfg = {"data": data, "train": cfg.to_dict(), "identity": identity,
+                "mlflow_uri": mlflow_uri, "mlflow_run_id": mlflow_run_id,
                 "threads_per_worker": max(1, int(cpus_per_worker)), **(extra_config or {})}
     t0 = time.perf_counter()
     with common.mlflow_run(mlflow_uri, mlflow_run_id) as log:

@@ -284,3 +284,38 @@ def test_prepare_data_rebuilds_shards_built_with_other_options(ray_session, tmp_
     assert f"0 already complete, {len(first)} to build" in log and "built from other slices or options" in log
     fresh, _ = prep(tmp_path / "fresh", "--seed", "1")
     assert changed == fresh and set(changed) == set(first) and changed != first
+
+
+def test_train_sde_refuses_to_resume_checkpoints_of_other_settings_or_data(shards, tmp_path):
+    import json
+    import shutil
+
+    from dudocrop.data.shards import ShardInfo, write_manifest
+    from dudocrop.sde.train import get_train_config
+    from dudocrop.train.state import save_state
+    from ray_jobs.train_sde import check_resumable, run_identity
+
+    cfg = get_train_config("tiny", domain="image")
+    ident = run_identity(cfg, str(shards))
+    run_dir = tmp_path / "ray_train" / "sde_image"
+    check_resumable(str(run_dir), ident)  # nothing to resume: a fresh start
+    save_state(str(run_dir / "checkpoint_000001"), {"step": 4, "identity": ident})
+    (run_dir / "checkpoint_000002").mkdir()  # cut short by a kill: skipped, as resume() skips it
+    check_resumable(str(run_dir), ident)
+    # the same settings with more frequent checkpoints and validation still resume
+    check_resumable(str(run_dir), run_identity(get_train_config("tiny", domain="image", checkpoint_every=1,
+                                                                validate_every=1), str(shards)))
+    with pytest.raises(ValueError, match=r"sde_image were trained with other settings.*config\.lr"):
+        check_resumable(str(run_dir), run_identity(get_train_config("tiny", domain="image", lr=cfg.lr * 3),
+                                                   str(shards)))
+    # another dataset (here: the same slices less the val shard): refused too
+    other = tmp_path / "other"
+    shutil.copytree(shards, other)
+    m = json.loads((other / "manifest.json").read_text())
+    write_manifest(str(other), [ShardInfo(**s) for s in m["shards"] if s["split"] == "train"], m["geometry"], m["args"])
+    with pytest.raises(ValueError, match="data_shards_sha256"):
+        check_resumable(str(run_dir), run_identity(cfg, str(other)))
+    # a state saved before identities existed is not silently resumed either
+    save_state(str(run_dir / "checkpoint_000003"), {"step": 5, "config": cfg.to_dict()})
+    with pytest.raises(ValueError, match="other settings"):
+        check_resumable(str(run_dir), ident)
