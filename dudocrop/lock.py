@@ -34,13 +34,19 @@ class FolderLockedError(RuntimeError):
     """Another live run holds the output folder's lock."""
 
 
-def _proc_start(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (clock ticks since boot), which tells a reused pid apart; None if unknown."""
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state first), or None where there is no /proc."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
+            return f.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
+
+
+def _proc_start(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot), which tells a reused pid apart; None if unknown."""
+    st = _proc_stat(pid)
+    return st[19] if st and len(st) > 19 else None
 
 
 def _alive(holder: dict) -> bool:
@@ -53,6 +59,9 @@ def _alive(holder: dict) -> bool:
         return False
     except PermissionError:  # a process of another user: alive
         return True
+    st = _proc_stat(pid)
+    if st and st[0] in ("Z", "X"):  # killed, not yet reaped by its parent
+        return False
     start = holder.get("proc_start")
     return start is None or _proc_start(pid) in (None, start)
 

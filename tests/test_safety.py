@@ -236,6 +236,7 @@ def test_output_folder_lock_names_its_holder_refuses_a_second_run_and_is_taken_o
     import signal
     import subprocess
     import sys
+    import time
 
     from dudocrop.lock import LOCK_NAME, FolderLockedError, folder_lock, lock_holder
     from ray_jobs import prepare_data
@@ -257,8 +258,12 @@ def test_output_folder_lock_names_its_holder_refuses_a_second_run_and_is_taken_o
                 pass
     finally:
         holder.send_signal(signal.SIGKILL)
-        holder.wait()
-    # its holder was SIGKILLed: the lock is stale and the next run takes it over
+    # its holder was SIGKILLed (and is not reaped yet: a zombie still answers kill(pid, 0)): the lock is stale
+    # and the next run takes it over
+    for _ in range(100):
+        if open(f"/proc/{holder.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
+            break
+        time.sleep(0.05)
     assert lock_holder(out)["pid"] == holder.pid
     with folder_lock(out, "me") as path:
         assert json.loads(open(path).read())["pid"] == os.getpid()
@@ -266,6 +271,7 @@ def test_output_folder_lock_names_its_holder_refuses_a_second_run_and_is_taken_o
             pass
         assert os.path.exists(path)
     assert not (out / LOCK_NAME).exists()
+    holder.wait()
 
 
 def test_prepare_data_rebuilds_shards_built_with_other_options(ray_session, tmp_path, capsys):
