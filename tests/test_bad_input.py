@@ -7,6 +7,8 @@ or, where the input is a batch or a folder, that the good parts still go through
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -109,3 +111,173 @@ def test_empty_batches_half_precision_and_numpy_masks_are_validated():
     assert mask.dtype == torch.float32 and torch.equal(mask[0, 0], torch.from_numpy(inside)) and trace.any()
     with pytest.raises(ValueError, match=r"metal_mask must have 4 dimensions"):
         pipe(torch.from_numpy(x_in)[None, None], metal_mask=inside)
+
+
+# ---- clinical readers ---------------------------------------------------------------------------------------
+def _nifti(path, metal_at=(30, 30), nan_at=None, size=64):
+    """A tiny clinical volume (RAS, 5 mm voxels): a water disc, metal at ``metal_at`` (x, y) in slice 1."""
+    import nibabel as nib
+
+    vol = np.full((size, size, 3), -1000.0, np.float32)
+    yy, xx = np.mgrid[:size, :size]
+    vol[(xx - size // 2) ** 2 + (yy - size // 2) ** 2 < 25**2] = 30.0
+    x, y = metal_at
+    vol[x:x + 3, y:y + 3, 1] = 3500.0
+    if nan_at is not None:
+        vol[nan_at] = np.nan
+    nib.save(nib.Nifti1Image(vol, np.diag([5.0, 5.0, 3.0, 1.0])), path)
+    return path
+
+
+def test_nifti_with_a_nan_voxel_names_the_file_and_slice(tmp_path):
+    from dudocrop.data import clinical
+
+    p = _nifti(str(tmp_path / "nan.nii.gz"), nan_at=(20, 20, 2))
+    with pytest.raises(ValueError, match=r"nan\.nii\.gz: 1 NaN or inf voxels in slice\(s\) 2 \(1 voxels\)"):
+        clinical.read_nifti(p)
+
+
+def test_truncated_nifti_names_the_file(tmp_path):
+    from dudocrop.data import clinical
+
+    p = _nifti(str(tmp_path / "cut.nii"))
+    raw = open(p, "rb").read()
+    open(p, "wb").write(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match=r"cut\.nii: not a readable NIfTI file"):
+        clinical.read_nifti(p)
+
+
+def _series(folder, n=3, positions=None, **tags):
+    """A DICOM CT series from pydicom's CT_small.dcm: ``n`` slices 10 mm apart, ``tags`` set on every slice."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    base = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    paths = []
+    for k, z in enumerate(positions or [10.0 * i for i in range(n)]):
+        ds = copy.deepcopy(base)
+        ds.ImagePositionPatient = [0.0, 0.0, z]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        for key, v in tags.items():
+            if v is None:
+                delattr(ds, key)
+            else:
+                setattr(ds, key, v)
+        paths.append(folder / f"im{k}.dcm")
+        ds.save_as(paths[-1])
+    return paths
+
+
+def test_dicom_series_refuses_non_ct_missing_rescale_duplicates_and_mixed_spacing(tmp_path):
+    import pydicom
+
+    from dudocrop.data import clinical
+
+    good = _series(tmp_path / "good")
+    vol, _ = clinical.read_dicom_series(str(tmp_path / "good"))
+    assert vol.shape == (3, 128, 128)
+    (tmp_path / "good" / "README.txt").write_text("not DICOM: skipped")
+    assert clinical.read_dicom_series(str(tmp_path / "good"))[0].shape == (3, 128, 128)
+
+    _series(tmp_path / "mr", Modality="MR")
+    with pytest.raises(ValueError, match=r"mr/im0\.dcm: Modality is 'MR', not 'CT'"):
+        clinical.read_dicom_series(str(tmp_path / "mr"))
+
+    _series(tmp_path / "norescale", RescaleSlope=None, RescaleIntercept=None)
+    with pytest.raises(ValueError, match=r"norescale/im0\.dcm: RescaleSlope and RescaleIntercept missing"):
+        clinical.read_dicom_series(str(tmp_path / "norescale"))
+    raw = pydicom.dcmread(good[0]).pixel_array.astype(np.float32)
+    vol, _ = clinical.read_dicom_series(str(tmp_path / "norescale"), assume_rescale=(1.0, -1024.0))
+    assert np.array_equal(vol[0], raw - 1024.0)  # the explicit override, as stated
+
+    _series(tmp_path / "dup", positions=[0.0, 5.0, 5.0])
+    with pytest.raises(ValueError, match=r"dup/im[12]\.dcm: at the same slice position \(5 mm\) as .*dup/im[12]"):
+        clinical.read_dicom_series(str(tmp_path / "dup"))
+
+    paths = _series(tmp_path / "spacing")
+    ds = pydicom.dcmread(paths[1])
+    ds.PixelSpacing = [0.9, 0.9]
+    ds.save_as(paths[1])
+    with pytest.raises(ValueError, match=r"spacing: slices have mixed pixel spacing .*im1\.dcm"):
+        clinical.read_dicom_series(str(tmp_path / "spacing"))
+
+
+def test_truncated_and_undecodable_dicom_name_the_file(tmp_path):
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless
+
+    from dudocrop.data import clinical
+
+    for name, cut in (("header", 400), ("pixels", -20000)):
+        paths = _series(tmp_path / name)
+        raw = paths[1].read_bytes()
+        paths[1].write_bytes(raw[:cut])
+        what = "without pixel data" if name == "header" else "cannot decode its pixel data"
+        with pytest.raises(ValueError, match=rf"{name}/im1\.dcm: .*{what}"):
+            clinical.read_dicom_series(str(tmp_path / name))
+
+    paths = _series(tmp_path / "j2k")
+    ds = pydicom.dcmread(paths[2])
+    ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 64])  # a JPEG 2000 codestream cut after SIZ
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    ds.save_as(paths[2], enforce_file_format=True)
+    with pytest.raises(ValueError, match=r"j2k/im2\.dcm: cannot decode its pixel data \(transfer syntax JPEG 2000"):
+        clinical.read_dicom_series(str(tmp_path / "j2k"))
+
+
+def test_prepare_data_skip_bad_builds_the_good_input_and_names_the_five_bad(tmp_path):
+    """The corrupt-input run of the issue's closing note: one good NIfTI and five broken inputs (a NaN voxel, a
+    truncated file, metal in air, an MR series, a series without rescale tags). Without --skip-bad the listing
+    stops at the first, naming it, before any shard is built; with it the good volume is built and the five are
+    named in the log and in skipped.json."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    root = tmp_path / "in"
+    root.mkdir()
+    _nifti(str(root / "a_good.nii.gz"))
+    _nifti(str(root / "b_nan.nii.gz"), nan_at=(20, 20, 1))
+    cut = _nifti(str(root / "c_cut.nii"))
+    raw = open(cut, "rb").read()
+    open(cut, "wb").write(raw[: len(raw) // 2])
+    _nifti(str(root / "d_metal_in_air.nii.gz"), metal_at=(31, 59))
+    _series(root / "e_mr", Modality="MR")
+    _series(root / "f_norescale", RescaleSlope=None, RescaleIntercept=None)
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1", PYTHONPATH=str(repo))
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, str(repo / "ray_jobs" / "prepare_data.py"), "--source", "clinical", "--root", str(root),
+           "--geometry", "tiny", "--shard-slices", "4", "--val-fraction", "0", "--test-fraction", "0",
+           "--cpus-per-shard", "1"]
+
+    strict = subprocess.run([*cmd, "--out", str(tmp_path / "strict")], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert strict.returncode != 0 and "b_nan.nii.gz: 1 NaN or inf voxels in slice(s) 1" in strict.stderr
+    assert not (tmp_path / "strict").exists()  # refused while listing: nothing built
+
+    out = tmp_path / "out"
+    res = subprocess.run([*cmd, "--out", str(out), "--skip-bad"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    skipped = json.loads((out / "skipped.json").read_text())
+    named = {os.path.basename(s["input"]): s for s in skipped}
+    assert set(named) == {"b_nan.nii.gz", "c_cut.nii", "d_metal_in_air.nii.gz", "e_mr", "f_norescale"}
+    assert "NaN or inf" in named["b_nan.nii.gz"]["error"]
+    assert "not a readable NIfTI" in named["c_cut.nii"]["error"]
+    assert named["d_metal_in_air.nii.gz"]["slice"] == 1 and "metal in air" in named["d_metal_in_air.nii.gz"]["error"]
+    assert "Modality is 'MR'" in named["e_mr"]["error"]
+    assert "RescaleSlope and RescaleIntercept missing" in named["f_norescale"]["error"]
+    for name in named:
+        assert f"skipped {root / name}" in res.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["total_rows"] == 1
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out / manifest["shards"][0]["name"])
+    assert table.column("case_id").to_pylist() == ["a_good.nii.gz/0001"]
