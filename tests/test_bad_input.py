@@ -281,3 +281,70 @@ def test_prepare_data_skip_bad_builds_the_good_input_and_names_the_five_bad(tmp_
 
     table = pq.read_table(out / manifest["shards"][0]["name"])
     assert table.column("case_id").to_pylist() == ["a_good.nii.gz/0001"]
+
+
+# ---- evaluation ---------------------------------------------------------------------------------------------
+def test_evaluate_isolates_failing_slices_and_writes_rows_as_they_are_made(tmp_path, monkeypatch):
+    """Four test slices in batches of two: slice 1 makes the sampler raise (as a CUDA error or a blown-up prior
+    would), slice 3's mask is made to cover the body. Both are recorded as failed, the other two are scored, and
+    the first batch's rows are on disk before the second batch starts."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from dudocrop.data.build import CaseRef, ShardSpec, SourceOptions, build_shard
+    from dudocrop.data.shards import write_manifest
+    from dudocrop.eval.stream import read_rows
+    from dudocrop.sde.unet import build_unet
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ray_jobs"))
+    import evaluate
+
+    opts = SourceOptions(source="synthetic", geometry=GEOM, seed=5)
+    refs = tuple(CaseRef(f"s{i}/000", f"s{i}", 0, "synthetic", "body", f"s{i}") for i in range(4))
+    data = tmp_path / "data"
+    info = build_shard(ShardSpec("test-00000.parquet", "test", refs), opts, str(data))
+    write_manifest(str(data), [info], G.to_dict(), {})
+
+    torch.manual_seed(0)
+    slots = [SDEModel(build_unet("tiny", use_embeddings=False), IRSDE(), d, False, None)
+             for d in ("image", "sinogram", "residual")]
+    model = DuDoCROP(GEOM, *slots, None, PipelineConfig(steps=1))
+    monkeypatch.setattr(evaluate.DuDoCROP, "load", classmethod(lambda cls, *a, **kw: model))
+
+    real_load_split, real_restore = evaluate.load_split, evaluate.restore
+    bad = {}
+
+    def load_split(*a, **kw):
+        rows = real_load_split(*a, **kw)
+        bad["x"] = torch.from_numpy(np.array(rows.columns["X_ma"][1]))
+        masks = np.array(rows.columns["metal_mask"])
+        masks[3] = 1.0  # a mask covering the whole slice
+        rows.columns["metal_mask"] = masks
+        return rows
+
+    out = tmp_path / "report"
+    seen = []
+
+    def restore(model, x_ma, *rest, **kw):
+        seen.append([len(read_rows(out / "rows.jsonl")), x_ma.shape[0]])
+        if any(torch.equal(x[0].cpu(), bad["x"]) for x in x_ma):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
+        return real_restore(model, x_ma, *rest, **kw)
+
+    monkeypatch.setattr(evaluate, "load_split", load_split)
+    monkeypatch.setattr(evaluate, "restore", restore)
+    res = evaluate.run(evaluate.parse_args(["--data", str(data), "--models", "unused", "--out", str(out),
+                                            "--batch-size", "2", "--sweeps", "none"]))
+    assert res["slices"] == 4 and res["failed"] == 2
+    # batch 1 ([0, 1]) raised, then slice 0 and slice 1 alone; batch 2 held slice 2 only (3 refused up front)
+    assert [n for _, n in seen] == [2, 1, 1, 1]
+    assert seen[0][0] == 0 and seen[-1][0] > 0  # the first batch's rows were on disk before the second began
+    failed = {f["case_id"]: f["error"] for f in read_rows(out / "failed.jsonl")}
+    assert set(failed) == {"s1/000", "s3/000"}
+    assert failed["s1/000"].startswith("RuntimeError: CUDA error") and "covers the body" in failed["s3/000"]
+    rows = json.loads((out / "rows.json").read_text())
+    assert {r["case_id"] for r in rows} == {"s0/000", "s2/000"}
+    key = [(r["case_id"], r["psnr"], r["ssim"]) for r in rows]
+    assert key == [(r["case_id"], r["psnr"], r["ssim"]) for r in read_rows(out / "rows.jsonl")]
+    assert "2 of 4 slices failed" in (out / "report.md").read_text()
