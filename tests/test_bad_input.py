@@ -348,3 +348,91 @@ def test_evaluate_isolates_failing_slices_and_writes_rows_as_they_are_made(tmp_p
     key = [(r["case_id"], r["psnr"], r["ssim"]) for r in rows]
     assert key == [(r["case_id"], r["psnr"], r["ssim"]) for r in read_rows(out / "rows.jsonl")]
     assert "2 of 4 slices failed" in (out / "report.md").read_text()
+
+
+# ---- credentials and the user's settings ------------------------------------------------------------------
+SECRET_URI = "https://alice:s3cret@mlflow.example:5000/base?token=t0k3n&experiment=7"
+
+
+def test_redact_uri_hides_user_info_and_secret_parameters():
+    from ray_jobs import common
+
+    assert common.redact_uri(SECRET_URI) == "https://***@mlflow.example:5000/base?token=***&experiment=7"
+    assert common.redact_uri("postgresql://mlflow:pw@db.internal/mlflow") == "postgresql://***@db.internal/mlflow"
+    for plain in ("sqlite:////tmp/out/mlflow.db", "http://mlflow.example:5000", "databricks", None, ""):
+        assert common.redact_uri(plain) == plain
+
+
+def test_tracking_uri_restores_credentials_from_the_environment_only(monkeypatch):
+    from ray_jobs import common
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    stored = common.redact_uri(SECRET_URI)
+    with pytest.raises(ValueError, match=r"credentials removed .* set MLFLOW_TRACKING_URI"):
+        common.tracking_uri(stored)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://bob:other@mlflow.example:5000/base?token=x&experiment=7")
+    assert common.tracking_uri(stored) == "https://bob:other@mlflow.example:5000/base?token=x&experiment=7"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://eve:x@elsewhere.example/")
+    with pytest.raises(ValueError, match="credentials removed"):
+        common.tracking_uri(stored)
+    assert common.tracking_uri("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
+
+
+def test_train_all_never_prints_or_stores_tracking_credentials(tmp_path, monkeypatch, capsys):
+    import json
+
+    import mlflow
+
+    from ray_jobs import common, train_all
+
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    real_client = mlflow.MlflowClient
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", SECRET_URI)
+    monkeypatch.setattr(common, "init_ray", lambda *a, **kw: None)
+    monkeypatch.setattr(mlflow, "set_tracking_uri", lambda uri: None)
+    # the tracking server is a local store here; the URI train_all holds is the one with credentials
+    monkeypatch.setattr(mlflow, "MlflowClient", lambda uri: real_client(store) if uri == SECRET_URI else None)
+    res = train_all.run(train_all.parse_args(["--out", str(tmp_path / "run"), "--stages", ""]))
+    printed = capsys.readouterr().out
+    stored = (tmp_path / "run" / "mlflow_run.json").read_text()
+    assert res["mlflow_run_id"] and json.loads(stored)["tracking_uri"] == common.redact_uri(SECRET_URI)
+    for text in (printed, stored):
+        assert "s3cret" not in text and "t0k3n" not in text
+    assert "https://***@mlflow.example:5000" in printed
+
+
+def test_train_sde_loop_config_holds_no_credentials(tmp_path, monkeypatch):
+    from ray_jobs import common, train_sde
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def fit(loop, config, **kw):
+        seen.update(config)
+        raise Stop
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(common, "init_ray", lambda *a, **kw: None)
+    monkeypatch.setattr(common, "fit", fit)
+    monkeypatch.setattr(train_sde, "normalization_for_data", lambda data: None)
+    with pytest.raises(Stop):
+        train_sde.run(str(tmp_path), str(tmp_path / "out"), "image", "tiny", mlflow_uri=SECRET_URI)
+    assert seen["mlflow_uri"] == common.redact_uri(SECRET_URI) and "s3cret" not in repr(seen)
+    # the workers (here: this process) connect with the full URI, from the environment
+    assert common.tracking_uri(seen["mlflow_uri"]) == SECRET_URI
+
+
+def test_bench_data_keeps_the_users_ray_auth_mode(monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "data.py"
+    spec = importlib.util.spec_from_file_location("bench_data", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    assert bench.subprocess_env()["RAY_AUTH_MODE"] == "token"
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    assert bench.subprocess_env()["RAY_AUTH_MODE"] == "disabled"
