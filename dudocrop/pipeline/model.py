@@ -199,17 +199,16 @@ class DuDoCROP:
         g = self.geometry
         x = check_tensor(x_ma_hu, "x_ma_hu", ndim=4, shape=(None, 1, *g.image_shape), nonempty=True,
                          dtypes=INPUT_DTYPES).to(self.device, torch.float32)
-        if y_ma is None:
-            y = self.op.fp(hu_to_mu(x).clamp(min=0))
-        else:
-            y = check_tensor(y_ma, "y_ma", ndim=4, shape=(x.shape[0], 1, *g.sino_shape),
-                             dtypes=INPUT_DTYPES).to(self.device, torch.float32)
+        if y_ma is not None:
+            y_ma = check_tensor(y_ma, "y_ma", ndim=4, shape=(x.shape[0], 1, *g.sino_shape),
+                                dtypes=INPUT_DTYPES).to(self.device, torch.float32)
         if metal_mask is None:
             mask = (x >= self.config.metal_threshold_hu).float()
         else:
             mask = check_mask(metal_mask, "metal_mask", shape=tuple(x.shape)).to(self.device)
-        # refused here, before any sampling, rather than by Eq. 11 after 13-19 s of it
+        # refused here, before any projection or sampling, rather than by Eq. 11 after all of it
         check_osro_region(x, mask, g, self.config.metal_region_dilation)
+        y = self.op.fp(hu_to_mu(x).clamp(min=0)) if y_ma is None else y_ma
         if trace is None:
             trace = metal_trace(mask, self.op, self.config.trace_dilation)
         else:
