@@ -100,7 +100,8 @@ def report_skipped(out: str, skipped: list[dict]) -> None:
     list when nothing was skipped, so the file always describes the latest listing)."""
     for s in skipped:
         where = s["input"] + ("" if s["slice"] is None else f" slice {s['slice']}")
-        print(f"prepare_data: skipped {where}: {s['error']}", flush=True)
+        why = " ".join(s["error"].removeprefix(s["input"] + ": ").split())  # errors start with the file they name
+        print(f"prepare_data: skipped {where}: {why}", flush=True)
     fs, base = resolve(out)
     fs.create_dir(base, recursive=True)
     atomic_write_bytes(fs, f"{base}/skipped.json", json.dumps(skipped, indent=2).encode())
