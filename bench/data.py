@@ -27,13 +27,19 @@ def plain_python(opts, specs, out: str) -> float:
     return time.perf_counter() - t
 
 
+def subprocess_env() -> dict[str, str]:
+    """The job's environment: this one, with Ray's token authentication off only where the user has not chosen
+    (as bench/clip.py does); a RAY_AUTH_MODE the user set is kept."""
+    return {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+
+
 def ray_data(args, out: str) -> float:
     cmd = [sys.executable, os.path.join(os.path.dirname(__file__), "..", "ray_jobs", "prepare_data.py"),
            "--source", "synthetic", "--geometry", args.geometry, "--out", out, "--n-patients", str(args.slices),
            "--slices-per-patient", "1", "--shard-slices", str(args.shard_slices), "--val-fraction", "0",
            "--test-fraction", "0"]
     t = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"RAY_AUTH_MODE": "disabled"})
+    res = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env())
     wall = time.perf_counter() - t
     if res.returncode:
         raise RuntimeError(f"prepare_data failed:\n{res.stderr[-3000:]}")

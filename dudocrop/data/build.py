@@ -78,6 +78,7 @@ class SourceOptions:
     simulation: str = "aapm_like"  # a simulator settings preset
     metal_threshold_hu: float = clinical.METAL_THRESHOLD_HU
     trace_dilation: int = 0
+    dicom_rescale: tuple[float, float] | None = None  # (slope, intercept) for DICOM slices without the tags
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -88,8 +89,12 @@ class SourceOptions:
 
 
 # ---- listing ---------------------------------------------------------------------------------------
-def list_case_refs(opts: SourceOptions) -> list[CaseRef]:
-    """Every slice the source provides, in a deterministic order."""
+def list_case_refs(opts: SourceOptions, skipped: list[dict] | None = None) -> list[CaseRef]:
+    """Every slice the source provides, in a deterministic order.
+
+    Clinical inputs are read and their metal slices checked here, on the driver, so a bad file or slice stops
+    the run before any shard is built, naming the file (and slice); with a ``skipped`` list they are appended
+    to it as ``{"input", "slice", "error"}`` instead, and the rest goes on (``prepare_data --skip-bad``)."""
     if opts.source == "aapm":
         layout = aapm.AAPMLayout(**opts.layout)
         refs = []
@@ -101,7 +106,7 @@ def list_case_refs(opts: SourceOptions) -> list[CaseRef]:
             refs.append(CaseRef(case, m.group(1) if m else case, 0, "aapm", anatomy, case))
         return refs
     if opts.source == "clinical":
-        return _clinical_refs(opts)
+        return _clinical_refs(opts, skipped)
     refs = []
     for p in range(opts.n_patients):
         pid = f"synthetic-{opts.seed}-{p:05d}"
@@ -110,7 +115,9 @@ def list_case_refs(opts: SourceOptions) -> list[CaseRef]:
     return refs
 
 
-def _clinical_refs(opts: SourceOptions) -> list[CaseRef]:
+def _clinical_refs(opts: SourceOptions, skipped: list[dict] | None = None) -> list[CaseRef]:
+    from dudocrop.pipeline.osro import region_problems
+
     root = opts.root
     vols = []
     if os.path.isfile(root):
@@ -124,18 +131,49 @@ def _clinical_refs(opts: SourceOptions) -> list[CaseRef]:
                 vols.append(dirpath)
     if not vols:
         raise FileNotFoundError(f"no NIfTI files or DICOM folders under {root}")
+    g = get_geometry(opts.geometry)
+
+    def bad(path: str, index: int | None, error: str) -> None:
+        if skipped is None:
+            raise ValueError(error if index is None else f"{path}: slice {index}: {error}")
+        skipped.append({"input": path, "slice": index, "error": error})
+
     refs = []
     for v in vols:
-        vol, _ = _read_volume(v)
+        try:
+            vol, spacing = _read_volume(v, opts.dicom_rescale)
+        except (ValueError, OSError) as e:  # the readers name the file; FileNotFoundError is an OSError
+            if skipped is None:
+                raise
+            bad(v, None, str(e))
+            continue
         pid = os.path.relpath(v, root if os.path.isdir(root) else os.path.dirname(root))
         for s in clinical.slices_with_metal(vol, opts.metal_threshold_hu):
+            x_ma, mask = _clinical_slice(vol, spacing, s, g, opts.metal_threshold_hu)
+            why = region_problems(torch.from_numpy(x_ma)[None, None], torch.from_numpy(mask)[None, None], g)[0]
+            if why:  # what validate_record would refuse inside a shard build, found here
+                bad(v, s, why)
+                continue
             refs.append(CaseRef(f"{pid}/{s:04d}", pid, s, "clinical", opts.anatomy, v))
     return refs
 
 
 @lru_cache(maxsize=2)
-def _read_volume(path: str) -> tuple[np.ndarray, tuple[float, float]]:
-    return clinical.read_dicom_series(path) if os.path.isdir(path) else clinical.read_nifti(path)
+def _read_volume(path: str, dicom_rescale: tuple[float, float] | None = None
+                 ) -> tuple[np.ndarray, tuple[float, float]]:
+    if os.path.isdir(path):
+        return clinical.read_dicom_series(path, tuple(dicom_rescale) if dicom_rescale else None)
+    return clinical.read_nifti(path)
+
+
+def _clinical_slice(vol: np.ndarray, spacing: tuple[float, float], index: int, g: FanBeamGeometry,
+                    threshold_hu: float) -> tuple[np.ndarray, np.ndarray]:
+    """X_ma (HU) and the metal mask of one clinical slice on the geometry's grid."""
+    x_ma = clinical.resample_to_geometry(vol[index], spacing, g)
+    # segment at the native resolution: interpolation would lower the HU of small implants below threshold
+    native = clinical.metal_mask_from_hu(vol[index], threshold_hu)
+    mask = (clinical.resample_to_geometry(native, spacing, g, fill_hu=0.0) >= 0.5).astype(np.float32)
+    return x_ma, mask
 
 
 # ---- planning --------------------------------------------------------------------------------------
@@ -170,11 +208,8 @@ def build_record(ref: CaseRef, opts: SourceOptions, op: FanBeamOperator) -> dict
             raise ValueError(f"AAPM case {ref.case_id} is {rec['anatomy']} ({implied}), but this run writes "
                              f"geometry {g.name!r}: prepare body and head cases separately")
     elif ref.source == "clinical":
-        vol, spacing = _read_volume(ref.locator)
-        x_ma = clinical.resample_to_geometry(vol[ref.slice_index], spacing, g)
-        # segment at the native resolution: interpolation would lower the HU of small implants below threshold
-        native = clinical.metal_mask_from_hu(vol[ref.slice_index], opts.metal_threshold_hu)
-        mask = (clinical.resample_to_geometry(native, spacing, g, fill_hu=0.0) >= 0.5).astype(np.float32)
+        vol, spacing = _read_volume(ref.locator, opts.dicom_rescale)
+        x_ma, mask = _clinical_slice(vol, spacing, ref.slice_index, g, opts.metal_threshold_hu)
         y_ma = op.fp(torch.from_numpy(hu_to_mu(x_ma).clip(min=0))[None, None])[0, 0].numpy()
         rec = {"X_ma": x_ma, "Y_ma": y_ma, "X_ref": None, "Y_ref": None, "metal_mask": mask,
                **aapm.metal_descriptors(mask, g)}

@@ -21,57 +21,125 @@ METAL_THRESHOLD_HU = 2500.0
 
 def read_nifti(path: str) -> tuple[np.ndarray, tuple[float, float]]:
     """A NIfTI CT volume as (slices, rows, cols) HU float32 in radiological display orientation, and the
-    in-plane pixel spacing (row, col) in mm."""
+    in-plane pixel spacing (row, col) in mm. A NaN or inf voxel is refused naming the file and the slices."""
     import nibabel as nib
 
     try:
         img = nib.load(path)
-    except Exception as e:  # noqa: BLE001 - nibabel raises several types for bad files
-        raise ValueError(f"{path}: not a readable NIfTI file ({e})") from e
-    img = nib.as_closest_canonical(img)  # RAS+: axis 0 = x (left->right of patient), 1 = y, 2 = z
-    data = np.asarray(img.dataobj, dtype=np.float32)  # applies scl_slope / scl_inter
+        img = nib.as_closest_canonical(img)  # RAS+: axis 0 = x (left->right of patient), 1 = y, 2 = z
+        data = np.asarray(img.dataobj, dtype=np.float32)  # applies scl_slope / scl_inter; reads the voxels
+    except Exception as e:  # noqa: BLE001 - nibabel raises several types for bad (e.g. truncated) files
+        raise ValueError(f"{path}: not a readable NIfTI file ({type(e).__name__}: {e})") from e
     if data.ndim != 3:
         raise ValueError(f"{path}: expected a 3-D volume, got shape {data.shape}")
     zooms = img.header.get_zooms()[:3]
     # RAS -> (z, row=anterior at top, col=patient right on the image left)
     vol = np.flip(np.transpose(data, (2, 1, 0)), axis=(1, 2)).astype(np.float32)
+    check_finite_volume(vol, path)
     return np.ascontiguousarray(vol), (float(zooms[1]), float(zooms[0]))
 
 
-def read_dicom_series(folder: str) -> tuple[np.ndarray, tuple[float, float]]:
-    """A DICOM series (one folder) as (slices, rows, cols) HU float32 sorted by position along the slice
-    normal, and the pixel spacing (row, col) in mm. Rescale slope / intercept are applied."""
+def check_finite_volume(vol: np.ndarray, path: str) -> None:
+    """ValueError naming ``path`` and the slices (indices as in the case ids) that hold NaN or inf voxels."""
+    bad = ~np.isfinite(vol)
+    if bad.any():
+        per_slice = bad.reshape(len(vol), -1).sum(1)
+        idx = np.nonzero(per_slice)[0]
+        shown = ", ".join(f"{i} ({per_slice[i]} voxels)" for i in idx[:10]) + (" ..." if len(idx) > 10 else "")
+        raise ValueError(f"{path}: {int(bad.sum())} NaN or inf voxels in slice(s) {shown}")
+
+
+#: SOP classes whose files hold no image and may sit in a series folder (a DICOMDIR); every other file without
+#: pixel data is taken as cut short in its header.
+_NO_PIXELS_SOP = ("1.2.840.10008.1.3.10",)  # Media Storage Directory Storage
+
+
+def read_dicom_series(folder: str, assume_rescale: tuple[float, float] | None = None
+                      ) -> tuple[np.ndarray, tuple[float, float]]:
+    """A DICOM CT series (one folder) as (slices, rows, cols) HU float32 sorted by position along the slice
+    normal, and the pixel spacing (row, col) in mm.
+
+    Refused, naming the file: a series that is not CT (Modality), a slice without RescaleSlope /
+    RescaleIntercept (stored values are not HU; ``assume_rescale=(slope, intercept)`` states them explicitly),
+    two slices at one position, mixed pixel spacing or shapes, a DICOM file cut short (in its header or its pixel
+    data) and pixel data pydicom cannot decode (e.g. JPEG 2000 without a codec). Files that are not DICOM at all
+    (no 'DICM' prefix, no ``.dcm`` name) are skipped."""
     import pydicom
 
     files = sorted(f for f in glob.glob(os.path.join(folder, "*")) if os.path.isfile(f))
     slices = []
     for f in files:
+        looks_dicom = f.lower().endswith(".dcm") or _has_dicom_prefix(f)
         try:
             ds = pydicom.dcmread(f)
-        except Exception:  # noqa: BLE001 - skip non-DICOM files in the folder
-            continue
+        except Exception as e:  # noqa: BLE001 - pydicom raises several types for bad files
+            if looks_dicom:
+                raise ValueError(f"{f}: not a readable DICOM file ({type(e).__name__}: {e})") from e
+            continue  # notes, checksums and other non-DICOM files beside the series
         if "PixelData" not in ds:
-            continue
-        slices.append(ds)
+            sop = str(ds.get("SOPClassUID", "") or getattr(ds.get("file_meta", None), "MediaStorageSOPClassUID", ""))
+            if sop in _NO_PIXELS_SOP:
+                continue
+            raise ValueError(f"{f}: DICOM file without pixel data ({len(ds)} elements read): cut short in its "
+                             "header?")
+        slices.append((f, ds))
     if not slices:
         raise FileNotFoundError(f"no DICOM images with pixel data in {folder}")
-    uids = {getattr(s, "SeriesInstanceUID", None) for s in slices}
+    uids = {getattr(s, "SeriesInstanceUID", None) for _, s in slices}
     if len(uids) > 1:
         raise ValueError(f"{folder}: holds {len(uids)} DICOM series; give one series per folder")
-    slices.sort(key=_position_along_normal)
-    vols = [dicom_to_hu(s) for s in slices]
+    for f, ds in slices:
+        modality = ds.get("Modality", None)
+        if modality != "CT":
+            raise ValueError(f"{f}: Modality is {modality!r}, not 'CT': only CT values are HU")
+    spacings = {}
+    for f, ds in slices:
+        sp = ds.get("PixelSpacing", None)
+        if sp is None or len(sp) != 2:
+            raise ValueError(f"{f}: PixelSpacing is missing or malformed ({sp!r})")
+        spacings.setdefault((round(float(sp[0]), 6), round(float(sp[1]), 6)), f)
+    if len(spacings) > 1:
+        raise ValueError(f"{folder}: slices have mixed pixel spacing " + ", ".join(
+            f"{k} mm ({os.path.basename(v)})" for k, v in spacings.items()))
+    slices.sort(key=lambda fs: _position_along_normal(fs[1]))
+    for (f0, d0), (f1, d1) in zip(slices, slices[1:]):
+        if abs(_position_along_normal(d0) - _position_along_normal(d1)) < 1e-3:
+            raise ValueError(f"{f1}: at the same slice position ({_position_along_normal(d1):g} mm) as {f0}")
+    vols = [dicom_to_hu(s, path=f, assume_rescale=assume_rescale) for f, s in slices]
     shapes = {v.shape for v in vols}
     if len(shapes) != 1:
         raise ValueError(f"{folder}: slices have different shapes {sorted(shapes)}")
-    sp = getattr(slices[0], "PixelSpacing", [1.0, 1.0])
-    return np.stack(vols).astype(np.float32), (float(sp[0]), float(sp[1]))
+    vol = np.stack(vols).astype(np.float32)
+    check_finite_volume(vol, folder)
+    return vol, next(iter(spacings))
 
 
-def dicom_to_hu(ds) -> np.ndarray:
-    """Pixel data of one DICOM dataset in HU (RescaleSlope / RescaleIntercept applied)."""
-    arr = ds.pixel_array.astype(np.float32)
-    slope = float(getattr(ds, "RescaleSlope", 1.0))
-    intercept = float(getattr(ds, "RescaleIntercept", 0.0))
+def _has_dicom_prefix(path: str) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(132)
+    return head[128:132] == b"DICM"
+
+
+def dicom_to_hu(ds, path: str | None = None, assume_rescale: tuple[float, float] | None = None) -> np.ndarray:
+    """Pixel data of one DICOM dataset in HU (RescaleSlope / RescaleIntercept applied). Without the two tags the
+    stored values are not known to be HU: refused unless ``assume_rescale=(slope, intercept)`` is given. Errors
+    name ``path`` (default: the dataset's filename), pydicom's own for cut-short or undecodable pixel data too."""
+    name = path or getattr(ds, "filename", None) or "<DICOM dataset>"
+    has = ("RescaleSlope" in ds, "RescaleIntercept" in ds)
+    if all(has):
+        slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+    elif assume_rescale is not None:
+        slope, intercept = (float(v) for v in assume_rescale)
+    else:
+        missing = [t for t, h in zip(("RescaleSlope", "RescaleIntercept"), has) if not h]
+        raise ValueError(f"{name}: {' and '.join(missing)} missing, so the stored values are not known to be HU "
+                         "(state them explicitly: assume_rescale=(slope, intercept), prepare_data --dicom-rescale)")
+    try:
+        arr = ds.pixel_array.astype(np.float32)
+    except Exception as e:  # noqa: BLE001 - truncated data, a missing codec, a corrupt JPEG 2000 stream ...
+        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        raise ValueError(f"{name}: cannot decode its pixel data (transfer syntax "
+                         f"{getattr(ts, 'name', ts)}): {type(e).__name__}: {e}") from e
     return arr * slope + intercept
 
 

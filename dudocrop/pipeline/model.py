@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 
 from dudocrop.atomic import write_json
-from dudocrop.checks import check_tensor, parse_assignments
+from dudocrop.checks import INPUT_DTYPES, check_mask, check_tensor, parse_assignments
 from dudocrop.classic.nmar import nmar
 from dudocrop.ct.geometry import FanBeamGeometry, get_geometry
 from dudocrop.ct.operators import FanBeamOperator
@@ -27,8 +27,15 @@ from dudocrop.ct.trace import metal_trace
 from dudocrop.ct.units import hu_to_mu
 from dudocrop.data.clinical import METAL_THRESHOLD_HU
 from dudocrop.data.normalize import Normalization
-from dudocrop.metrics.image import body_mask
-from dudocrop.pipeline.osro import OSROConfig, OSROResult, fuse, osro, sinogram_prior
+from dudocrop.pipeline.osro import (  # noqa: F401 - osro_region is imported from here by the jobs and benches
+    OSROConfig,
+    OSROResult,
+    check_osro_region,
+    fuse,
+    osro,
+    osro_region,
+    sinogram_prior,
+)
 from dudocrop.sde.train import image_mu, sinogram_mu
 from dudocrop.sde.unet import PRECISIONS
 
@@ -89,25 +96,6 @@ def residual_from_unit(d: torch.Tensor) -> torch.Tensor:
 
 def residual_to_unit(u: torch.Tensor) -> torch.Tensor:
     return 2.0 * (u - 0.5)
-
-
-def _fov_region(g: FanBeamGeometry, device) -> torch.Tensor:
-    xs, ys = g.pixel_centres
-    x = torch.as_tensor(xs, dtype=torch.float32, device=device)
-    y = torch.as_tensor(ys, dtype=torch.float32, device=device)
-    return (x[None, :] ** 2 + y[:, None] ** 2 <= g.fov_radius ** 2)[None, None]
-
-
-def osro_region(x_ma_hu: torch.Tensor, metal_mask: torch.Tensor, g: FanBeamGeometry,
-                dilation: int = 1) -> torch.Tensor:
-    """Where Eq. 11 takes its min / max: the patient's body (inside the reconstruction circle) minus the metal
-    dilated by ``dilation`` px. Air is left out because the [0, 1] units clip it at 0 HU-equivalent attenuation in
-    the diffusion priors but not in FBP(Y_p), so air noise would set the range of X'_p and shift every tissue."""
-    m = metal_mask.float()
-    if dilation:
-        m = torch.nn.functional.max_pool2d(m, 2 * dilation + 1, stride=1, padding=dilation)
-    body = body_mask(torch.where(metal_mask > 0, torch.zeros_like(x_ma_hu), x_ma_hu))
-    return _fov_region(g, metal_mask.device) & body & (m <= 0)
 
 
 class DuDoCROP:
@@ -206,21 +194,25 @@ class DuDoCROP:
 
         Without ``y_ma`` the sinogram is FP(X_ma) (Algorithm 2); without ``metal_mask`` metal is segmented by the
         HU threshold (paper §IV-A: "masks can be easily segmented by threshold"); without ``trace``,
-        M_s = FP(mask) > 0 (Eq. 1)."""
+        M_s = FP(mask) > 0 (Eq. 1). Slices OSRO cannot use (metal in air, a mask covering the body:
+        :func:`~dudocrop.pipeline.osro.region_problems`), empty batches and half precision are refused by name."""
         g = self.geometry
-        x = check_tensor(x_ma_hu, "x_ma_hu", ndim=4, shape=(None, 1, *g.image_shape)).to(self.device, torch.float32)
-        if y_ma is None:
-            y = self.op.fp(hu_to_mu(x).clamp(min=0))
-        else:
-            y = check_tensor(y_ma, "y_ma", ndim=4, shape=(x.shape[0], 1, *g.sino_shape)).to(self.device, torch.float32)
+        x = check_tensor(x_ma_hu, "x_ma_hu", ndim=4, shape=(None, 1, *g.image_shape), nonempty=True,
+                         dtypes=INPUT_DTYPES).to(self.device, torch.float32)
+        if y_ma is not None:
+            y_ma = check_tensor(y_ma, "y_ma", ndim=4, shape=(x.shape[0], 1, *g.sino_shape),
+                                dtypes=INPUT_DTYPES).to(self.device, torch.float32)
         if metal_mask is None:
             mask = (x >= self.config.metal_threshold_hu).float()
         else:
-            mask = check_tensor(metal_mask.float(), "metal_mask", ndim=4, shape=tuple(x.shape)).to(self.device)
+            mask = check_mask(metal_mask, "metal_mask", shape=tuple(x.shape)).to(self.device)
+        # refused here, before any projection or sampling, rather than by Eq. 11 after all of it
+        check_osro_region(x, mask, g, self.config.metal_region_dilation)
+        y = self.op.fp(hu_to_mu(x).clamp(min=0)) if y_ma is None else y_ma
         if trace is None:
             trace = metal_trace(mask, self.op, self.config.trace_dilation)
         else:
-            trace = check_tensor(trace.float(), "trace", ndim=4, shape=tuple(y.shape)).to(self.device) > 0
+            trace = check_mask(trace, "trace", shape=tuple(y.shape)).to(self.device) > 0
         return x, y, mask, trace
 
     def priors(self, x_ma_hu: torch.Tensor, y_ma: torch.Tensor, metal_mask: torch.Tensor,

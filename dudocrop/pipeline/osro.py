@@ -137,6 +137,69 @@ def _check_region(region: torch.Tensor | None, like: torch.Tensor, reference: to
     return region
 
 
+
+#: fewest pixels the Eq. 11 region may hold in a slice: an 8 x 8 patch. Below it the min / max (or the affine fit)
+#: is set by a handful of pixels, and an empty region only fails after every prior has been sampled.
+MIN_REGION_PIXELS = 64
+
+
+def fov_region(g, device=None) -> torch.Tensor:
+    """(1, 1, H, W) bool: the pixels inside the geometry's reconstruction circle."""
+    xs, ys = g.pixel_centres
+    x = torch.as_tensor(xs, dtype=torch.float32, device=device)
+    y = torch.as_tensor(ys, dtype=torch.float32, device=device)
+    return (x[None, :] ** 2 + y[:, None] ** 2 <= g.fov_radius ** 2)[None, None]
+
+
+def osro_region(x_ma_hu: torch.Tensor, metal_mask: torch.Tensor, g, dilation: int = 1) -> torch.Tensor:
+    """Where Eq. 11 takes its min / max: the patient's body (inside the reconstruction circle) minus the metal
+    dilated by ``dilation`` px. Air is left out because the [0, 1] units clip it at 0 HU-equivalent attenuation in
+    the diffusion priors but not in FBP(Y_p), so air noise would set the range of X'_p and shift every tissue."""
+    from dudocrop.metrics.image import body_mask
+
+    m = metal_mask.float()
+    if dilation:
+        m = F.max_pool2d(m, 2 * dilation + 1, stride=1, padding=dilation)
+    body = body_mask(torch.where(metal_mask > 0, torch.zeros_like(x_ma_hu), x_ma_hu))
+    return fov_region(g, metal_mask.device) & body & (m <= 0)
+
+
+def region_problems(x_ma_hu: torch.Tensor, metal_mask: torch.Tensor, g, dilation: int = 1) -> list[str | None]:
+    """Per slice of (N, 1, H, W) HU and mask: why OSRO cannot run on it (None: it can), found before any sampling.
+
+    Refused: metal outside the patient's body (metal in air is not an implant, and it can become the "body" that
+    :func:`osro_region` keeps), and a mask that leaves fewer than :data:`MIN_REGION_PIXELS` pixels of body for
+    Eq. 11 (a mask covering the body, or no body at all)."""
+    from dudocrop.metrics.image import body_mask
+
+    metal = metal_mask > 0
+    body = body_mask(torch.where(metal, torch.zeros_like(x_ma_hu), x_ma_hu))
+    region = osro_region(x_ma_hu, metal_mask, g, dilation)
+    out = []
+    for i in range(x_ma_hu.shape[0]):
+        outside = int((metal[i] & ~body[i]).sum())
+        n = int(region[i].sum())
+        if outside:
+            out.append(f"{outside} of {int(metal[i].sum())} metal pixels lie outside the patient's body (metal in "
+                       "air): the metal mask must mark implants inside the body")
+        elif n < MIN_REGION_PIXELS:
+            out.append(f"the OSRO region (Eq. 11: body inside the field of view, minus the metal dilated by "
+                       f"{dilation} px) holds {n} pixels, fewer than {MIN_REGION_PIXELS}: the metal mask covers "
+                       f"the body ({int(metal[i].sum())} metal of {int(body[i].sum())} body pixels)")
+        else:
+            out.append(None)
+    return out
+
+
+def check_osro_region(x_ma_hu: torch.Tensor, metal_mask: torch.Tensor, g, dilation: int = 1,
+                      names=None) -> None:
+    """ValueError naming every slice :func:`region_problems` refuses (``names``: slice labels, default indices)."""
+    bad = [(names[i] if names is not None else f"slice {i}", why)
+           for i, why in enumerate(region_problems(x_ma_hu, metal_mask, g, dilation)) if why]
+    if bad:
+        raise ValueError("; ".join(f"{n}: {why}" for n, why in bad))
+
+
 #: the values of OSROConfig.norm: Eq. 11's min-max, the affine fit.
 NORMS = ("minmax", "affine")
 
