@@ -17,8 +17,8 @@ Coordinate conventions (shared by FP, BP, FBP and the simulator):
 * Flat detectors: channel ``i`` sits at ``u_i = (i - (C - 1)/2 + channel_offset) * channel_spacing``
   along ``e_u`` on a line at distance SDD from the source.
 
-The AAPM presets (and ``tiny`` / ``small``, the same scanner sampled coarsely) follow the CT-MAR challenge's
-own code, xcist/example ``AAPM_datachallenge`` (convention version 2, :data:`CONVENTION_VERSION`):
+The AAPM presets follow the CT-MAR challenge's own code, xcist/example ``AAPM_datachallenge`` (convention
+version 2, :data:`CONVENTION_VERSION`; ``tiny`` and ``small`` keep version 1's mirror image, see the presets):
 
 * ``AAPMProj.py`` (the challenge's forward projector, gecatsim's ``DD2FanProj``): ``y0 = sid/pixsize`` puts
   view 0's source at the top; ``alphas = (arange(nrdetcols) - (nrdetcols-1)/2 - 1.25) * dalpha`` with
@@ -48,12 +48,12 @@ import numpy as np
 
 DetectorKind = Literal["curved", "flat"]
 
-#: Version of the geometry convention above. 2: the AAPM presets (and ``tiny``/``small``, built from them)
-#: follow the CT-MAR challenge's rotation direction and channel order; version 1 was their mirror image.
+#: Version of the geometry convention above. 2: the AAPM presets follow the CT-MAR challenge's rotation direction
+#: and channel order; in version 1 they were its mirror image.
 CONVENTION_VERSION = 2
 #: For each convention version, the presets whose rays it changed: data and models made for one of these
 #: under an older convention must be rebuilt (:func:`check_convention`).
-CONVENTION_CHANGES: dict[int, tuple[str, ...]] = {2: ("aapm_body", "aapm_head", "tiny", "small")}
+CONVENTION_CHANGES: dict[int, tuple[str, ...]] = {2: ("aapm_body", "aapm_head")}
 
 
 @dataclass(frozen=True)
@@ -211,11 +211,14 @@ SYNDEEPLESION = FanBeamGeometry(
     name="syndeeplesion", image_size=416, pixel_size=0.3692, n_views=640, n_channels=641,
     sid=396.9, sdd=2 * 396.9, detector="flat", channel_spacing=434.5 / 641,
 )
-#: Unit-test and laptop-demo sizes of the same two scanners.
-TINY = AAPM_BODY.scaled(64, n_views=96, n_channels=112, name="tiny")
+#: Unit-test and laptop-demo sizes of the same two scanners. ``tiny`` and ``small`` keep the AAPM scanner's
+#: rotation and channel order of convention 1 (the mirror image of the challenge's): they only ever hold data this
+#: project simulates with its own operator, so every tiny/small shard and model stays valid.
+_AAPM_BODY_V1 = replace(AAPM_BODY, direction=1, channel_direction=1)
+TINY = _AAPM_BODY_V1.scaled(64, n_views=96, n_channels=112, name="tiny")
 TINY_FLAT = SYNDEEPLESION.scaled(64, n_views=96, n_channels=96, name="tiny_flat")
 #: A mid size for the `small` training preset and quick benchmarks.
-SMALL = AAPM_BODY.scaled(128, n_views=250, n_channels=225, name="small")
+SMALL = _AAPM_BODY_V1.scaled(128, n_views=250, n_channels=225, name="small")
 
 PRESETS: dict[str, FanBeamGeometry] = {
     g.name: g for g in (AAPM_BODY, AAPM_HEAD, SYNDEEPLESION, TINY, TINY_FLAT, SMALL)
