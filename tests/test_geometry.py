@@ -43,7 +43,8 @@ def test_scaled_keeps_fov_and_fan():
 @pytest.mark.parametrize(
     "field,value,match",
     [("image_size", 1, "image_size"), ("sdd", 100.0, "sdd"), ("detector", "spiral", "detector"),
-     ("pixel_size", float("nan"), "pixel_size"), ("direction", 0, "direction"), ("pixel_size", 5.0, "corners")],
+     ("pixel_size", float("nan"), "pixel_size"), ("direction", 0, "direction"),
+     ("channel_direction", 2, "channel_direction"), ("pixel_size", 5.0, "corners")],
 )
 def test_bad_geometry_is_rejected_by_name(field, value, match):
     kw = AAPM_BODY.to_dict() | {field: value}

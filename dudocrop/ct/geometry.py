@@ -7,17 +7,34 @@ Coordinate conventions (shared by FP, BP, FBP and the simulator):
   the left of the displayed image. World coordinates are millimetres with the isocentre at the image
   centre, x to the right (increasing column), y up (decreasing row).
 * View ``v`` has the source at angle ``beta_v = start_angle + direction * v * angular_range / n_views``
-  measured from +y towards +x, so view 0 puts the source at the top (AAPM CT-MAR convention). The
-  central ray ``e_c`` points from the source to the isocentre; the channel axis ``e_u`` is ``e_c``
-  rotated by -90 degrees, so at view 0 (source at the top) channel index increases towards -x.
+  measured from +y towards +x, i.e. at ``sid * (sin beta_v, cos beta_v)``, so view 0 puts the source at
+  the top. The central ray ``e_c`` points from the source to the isocentre; the channel axis ``e_u`` is
+  ``e_c`` rotated by ``-90 * channel_direction`` degrees, so at view 0 (source at the top) channel index
+  increases towards -x for ``channel_direction = +1`` and towards +x for ``-1``.
 * Curved (equiangular) detectors: channel ``i`` sits at fan angle
-  ``gamma_i = (i - (C - 1)/2 + channel_offset) * delta_gamma`` with
+  ``gamma_i = (i - (C - 1)/2 + channel_offset) * delta_gamma`` along ``e_u`` with
   ``delta_gamma = 2 atan(channel_spacing / (2 SDD))`` (REFERENCE §3: AAPM offset -1.25).
 * Flat detectors: channel ``i`` sits at ``u_i = (i - (C - 1)/2 + channel_offset) * channel_spacing``
-  on a line at distance SDD from the source.
+  along ``e_u`` on a line at distance SDD from the source.
 
-The AAPM rotation direction and channel orientation were not verified against the challenge files
-(no download here); ``direction`` flips the rotation if a release turns out mirrored.
+The AAPM presets follow the CT-MAR challenge's own code, xcist/example ``AAPM_datachallenge`` (convention
+version 2, :data:`CONVENTION_VERSION`; ``tiny`` and ``small`` keep version 1's mirror image, see the presets):
+
+* ``AAPMProj.py`` (the challenge's forward projector, gecatsim's ``DD2FanProj``): ``y0 = sid/pixsize`` puts
+  view 0's source at the top; ``alphas = (arange(nrdetcols) - (nrdetcols-1)/2 - 1.25) * dalpha`` with
+  ``xds = sdd*sin(alphas)``, ``yds = sid - sdd*cos(alphas)`` puts channel ``i`` at fan angle ``alpha_i`` on
+  the +x side for ``alpha_i > 0`` (``channel_direction = -1``, ``channel_offset = -1.25``);
+  ``DD2FanProj`` rotates the source to ``(-y0 sin a, y0 cos a)`` for view angle ``a``, i.e. towards -x
+  (``direction = -1``); the image is the row-major ``rawread(.., [512, 512, 1])`` array whose row
+  ``r`` lies at ``y = (nrrows-1)/2 - r`` and column ``c`` at increasing x (the convention above, no flip);
+  the sinogram is written ``[nrviews, nrdetcols]`` (views x channels, as ``sino_shape``).
+* ``AAPMRecon.py`` (its FBP): ``reconType = 'fdk_equiAngle'``, ``startAngle = 0`` "with the X-ray source at
+  the top", ``rotationDirection = 1``, ``detectorColOffset = -1.25``, ``viewsPerRotation = 1000``, the
+  sinogram read as ``[1000, 1, 900]``.
+* View spacing: ``AAPMProj.py`` spaces its views by ``2 pi / (V - 1)`` (``arange(nrviews)/(nrviews-1)``),
+  while the simulator that made the challenge's sinograms (``AAPM_MAR_protocol.cfg``, ``viewsPerRotation =
+  1000``) and the recon use ``2 pi / V``. The presets use ``2 pi / V``: a full rotation without a repeated
+  view, which the FBP weights assume. ``docs/aapm_geometry.md`` gives the measured differences.
 """
 
 from __future__ import annotations
@@ -30,6 +47,13 @@ from typing import Literal
 import numpy as np
 
 DetectorKind = Literal["curved", "flat"]
+
+#: Version of the geometry convention above. 2: the AAPM presets follow the CT-MAR challenge's rotation direction
+#: and channel order; in version 1 they were its mirror image.
+CONVENTION_VERSION = 2
+#: For each convention version, the presets whose rays it changed: data and models made for one of these
+#: under an older convention must be rebuilt (:func:`check_convention`).
+CONVENTION_CHANGES: dict[int, tuple[str, ...]] = {2: ("aapm_body", "aapm_head")}
 
 
 @dataclass(frozen=True)
@@ -49,6 +73,7 @@ class FanBeamGeometry:
     angular_range: float = 2 * math.pi
     start_angle: float = 0.0
     direction: int = 1  # +1: source moves from +y towards +x
+    channel_direction: int = 1  # +1: channel index runs towards -x at view 0; -1: towards +x (AAPM)
 
     def __post_init__(self) -> None:
         for f in ("image_size", "n_views", "n_channels"):
@@ -63,8 +88,9 @@ class FanBeamGeometry:
             raise ValueError(f"FanBeamGeometry.sdd ({self.sdd}) must exceed sid ({self.sid})")
         if self.detector not in ("curved", "flat"):
             raise ValueError(f"FanBeamGeometry.detector must be 'curved' or 'flat', got {self.detector!r}")
-        if self.direction not in (1, -1):
-            raise ValueError(f"FanBeamGeometry.direction must be +1 or -1, got {self.direction!r}")
+        for f in ("direction", "channel_direction"):
+            if getattr(self, f) not in (1, -1):
+                raise ValueError(f"FanBeamGeometry.{f} must be +1 or -1, got {getattr(self, f)!r}")
         if self.fov_radius * math.sqrt(2) >= self.sid:
             raise ValueError(
                 f"FanBeamGeometry {self.name!r}: the image corners ({self.fov_radius * math.sqrt(2):.1f} mm) "
@@ -124,7 +150,7 @@ class FanBeamGeometry:
         b = self.view_angles
         src = self.sid * np.stack([np.sin(b), np.cos(b)], axis=1)
         e_c = -src / self.sid
-        e_u = np.stack([e_c[:, 1], -e_c[:, 0]], axis=1)  # e_c rotated by -90 degrees
+        e_u = self.channel_direction * np.stack([e_c[:, 1], -e_c[:, 0]], axis=1)  # e_c turned -90 deg * direction
         return src, e_c, e_u
 
     @cached_property
@@ -170,10 +196,12 @@ class FanBeamGeometry:
 
 # ---- presets (REFERENCE §3) ----------------------------------------------------------------------
 
-#: AAPM CT-MAR body: 512^2 over a 400 mm FOV, 1000 views over 360 deg, 900 equiangular channels.
+#: AAPM CT-MAR body: 512^2 over a 400 mm FOV, 1000 views over 360 deg, 900 equiangular channels; rotation
+#: direction and channel order as the challenge's AAPMProj.py (see the module docstring).
 AAPM_BODY = FanBeamGeometry(
     name="aapm_body", image_size=512, pixel_size=400.0 / 512, n_views=1000, n_channels=900,
     sid=550.0, sdd=950.0, detector="curved", channel_spacing=1.0, channel_offset=-1.25,
+    direction=-1, channel_direction=-1,
 )
 #: AAPM CT-MAR head: same scanner, 220.16 mm FOV (0.43 mm pixels).
 AAPM_HEAD = replace(AAPM_BODY, name="aapm_head", pixel_size=0.43)
@@ -183,11 +211,14 @@ SYNDEEPLESION = FanBeamGeometry(
     name="syndeeplesion", image_size=416, pixel_size=0.3692, n_views=640, n_channels=641,
     sid=396.9, sdd=2 * 396.9, detector="flat", channel_spacing=434.5 / 641,
 )
-#: Unit-test and laptop-demo sizes of the same two scanners.
-TINY = AAPM_BODY.scaled(64, n_views=96, n_channels=112, name="tiny")
+#: Unit-test and laptop-demo sizes of the same two scanners. ``tiny`` and ``small`` keep the AAPM scanner's
+#: rotation and channel order of convention 1 (the mirror image of the challenge's): they only ever hold data this
+#: project simulates with its own operator, so every tiny/small shard and model stays valid.
+_AAPM_BODY_V1 = replace(AAPM_BODY, direction=1, channel_direction=1)
+TINY = _AAPM_BODY_V1.scaled(64, n_views=96, n_channels=112, name="tiny")
 TINY_FLAT = SYNDEEPLESION.scaled(64, n_views=96, n_channels=96, name="tiny_flat")
 #: A mid size for the `small` training preset and quick benchmarks.
-SMALL = AAPM_BODY.scaled(128, n_views=250, n_channels=225, name="small")
+SMALL = _AAPM_BODY_V1.scaled(128, n_views=250, n_channels=225, name="small")
 
 PRESETS: dict[str, FanBeamGeometry] = {
     g.name: g for g in (AAPM_BODY, AAPM_HEAD, SYNDEEPLESION, TINY, TINY_FLAT, SMALL)
@@ -204,3 +235,22 @@ def get_geometry(name_or_geometry: str | FanBeamGeometry) -> FanBeamGeometry:
         raise ValueError(
             f"unknown geometry {name_or_geometry!r}; presets: {', '.join(sorted(PRESETS))}"
         ) from None
+
+
+def check_convention(geometry_name: str, version, where: str) -> None:
+    """Refuse data or a model made for preset ``geometry_name`` under convention ``version`` (None: written before
+    versions were recorded, i.e. version 1) if a later convention changed that preset's rays: mixing the two
+    would put the metal trace on the wrong channels and fuse mirrored images (Eq. 10-15). ``where`` names the
+    file that recorded it, for the message."""
+    if version is None:
+        version = 1
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= CONVENTION_VERSION:
+        raise ValueError(f"{where}: geometry_convention must be an int in [1, {CONVENTION_VERSION}], got {version!r}")
+    changed = [v for v in range(version + 1, CONVENTION_VERSION + 1) if geometry_name in CONVENTION_CHANGES.get(v, ())]
+    if changed:
+        raise ValueError(
+            f"{where}: made for geometry {geometry_name!r} under geometry convention {version}, but convention "
+            f"{changed[-1]} changed that preset (the AAPM presets now follow the CT-MAR challenge's rotation "
+            f"direction and channel order; the old ones were their mirror image, docs/aapm_geometry.md): rebuild it "
+            f"with this version (ray_jobs/prepare_data.py for shards, ray_jobs/train_all.py for models)"
+        )

@@ -4,6 +4,8 @@ Each case has headerless little-endian float32 ``.raw`` files: images (512, 512)
 (1000 views, 900 channels) of line integrals after water BHC (their names say 900x1000), for the Target
 (no metal) and Baseline (metal-affected) scans, a metal-only mask image (metal where ``mask > 0.5``) and a
 metal-info JSON. Body cases use a 400 mm FOV (``aapm_body``), head cases 220.16 mm (``aapm_head``).
+Arrays are read in the files' own row-major order, which is the challenge projector's (row 0 at the top, views x
+channels); the presets follow that projector's rotation and channel order (``ct/geometry.py``, docs/aapm_geometry.md).
 
 The folder layout is a :class:`AAPMLayout` of path templates relative to the release root, because
 re-distributions of the release name files differently; the default is::

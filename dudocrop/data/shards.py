@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from dudocrop.ct.geometry import CONVENTION_VERSION, check_convention
 from dudocrop.data.schema import ARRAY_FIELDS, SCHEMA_VERSION, absent_to_none, row_checksum, schema_metadata
 
 MANIFEST_NAME = "manifest.json"
@@ -136,7 +137,8 @@ def cleanup_temporaries(out_dir: str) -> int:
 
 
 def write_manifest(out_dir: str, shards: list[ShardInfo], geometry: dict, args: dict) -> dict:
-    """Write ``manifest.json`` atomically: counts, shard checksums, schema version and the exact arguments."""
+    """Write ``manifest.json`` atomically: counts, shard checksums, schema and geometry-convention versions and
+    the exact arguments."""
     shards = sorted(shards, key=lambda s: s.name)
     counts: dict[str, int] = {}
     for s in shards:
@@ -144,6 +146,7 @@ def write_manifest(out_dir: str, shards: list[ShardInfo], geometry: dict, args: 
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "geometry": geometry,
+        "geometry_convention": CONVENTION_VERSION,
         "args": args,
         "counts": dict(sorted(counts.items())),
         "total_rows": sum(counts.values()),
@@ -161,7 +164,11 @@ def read_manifest(out_dir: str) -> dict | None:
     if fs.get_file_info(path).type != pafs.FileType.File:
         return None
     with fs.open_input_stream(path) as f:
-        return json.loads(f.read())
+        manifest = json.loads(f.read())
+    geometry = manifest.get("geometry")
+    if isinstance(geometry, dict) and isinstance(geometry.get("name"), str):
+        check_convention(geometry["name"], manifest.get("geometry_convention"), path)
+    return manifest
 
 
 def shard_paths(out_dir: str, split: str | None = None) -> list[str]:

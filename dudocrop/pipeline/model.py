@@ -21,7 +21,7 @@ import torch
 from dudocrop.atomic import write_json
 from dudocrop.checks import INPUT_DTYPES, check_mask, check_tensor, parse_assignments
 from dudocrop.classic.nmar import nmar
-from dudocrop.ct.geometry import FanBeamGeometry, get_geometry
+from dudocrop.ct.geometry import CONVENTION_VERSION, FanBeamGeometry, check_convention, get_geometry
 from dudocrop.ct.operators import FanBeamOperator
 from dudocrop.ct.trace import metal_trace
 from dudocrop.ct.units import hu_to_mu
@@ -131,8 +131,10 @@ class DuDoCROP:
 
         folder = resolve_model_location(location)
         check_model_folder(folder)
-        with open(os.path.join(folder, PIPELINE_FILE)) as f:
+        meta_path = os.path.join(folder, PIPELINE_FILE)
+        with open(meta_path) as f:
             meta = json.load(f)
+        check_convention(meta["geometry"], meta.get("geometry_convention"), meta_path)
         loaded = {}
         for key in ("image", "sinogram", "residual"):
             p = os.path.join(folder, MODEL_FILES[key])
@@ -309,10 +311,11 @@ def pipeline_config_from_dict(d: dict) -> PipelineConfig:
 
 def save_pipeline_meta(folder: str, geometry: FanBeamGeometry | str,
                        config: PipelineConfig = PipelineConfig(), fusion: dict | None = None) -> str:
-    """Write ``pipeline.json`` (geometry and inference settings) next to the model files, atomically; ``fusion``
-    records how the OSRO factors were chosen (ray_jobs/tune_fusion.py)."""
+    """Write ``pipeline.json`` (geometry, its convention version and inference settings) next to the model files,
+    atomically; ``fusion`` records how the OSRO factors were chosen (ray_jobs/tune_fusion.py)."""
     path = os.path.join(folder, PIPELINE_FILE)
-    meta = {"geometry": get_geometry(geometry).name, "pipeline": asdict(config)}
+    meta = {"geometry": get_geometry(geometry).name, "geometry_convention": CONVENTION_VERSION,
+            "pipeline": asdict(config)}
     if fusion is not None:
         meta["fusion"] = fusion
     write_json(path, meta)
