@@ -20,8 +20,10 @@ from dudocrop.ct.metal import (
     SHAPES,
     MetalConfig,
     MetalObject,
+    check_placement,
     count_sweep,
     describe,
+    get_metal_config,
     rasterize_metal,
     sample_count_sweep,
     sample_metal,
@@ -242,6 +244,65 @@ def test_placement_in_bone_and_soft_tissue():
     # explicit centres are kept
     pinned = sample_metal(MetalConfig(centres_mm=((10.0, 5.0), (-20.0, 0.0))), hu, g, rng=0)
     assert [o.centre_mm for o in pinned] == [(10.0, 5.0), (-20.0, 0.0)]
+
+
+def _where(o: MetalObject, body: np.ndarray, g) -> str:
+    """'air' if the object's raster lies wholly outside ``body``, 'skin' if it crosses it, else 'body'."""
+    cov = rasterize_metal([o], g, 2).total > 0
+    return "air" if not body[cov].any() else "skin" if (~body[cov]).any() else "body"
+
+
+def test_placement_in_the_air_and_on_the_skin():
+    """Issue 19: metal outside the patient (leads, clips) keeps margin_mm from the skin and stays in the
+    reconstructable disc; metal on the skin straddles the body outline."""
+    from scipy import ndimage
+
+    g = get_geometry("small")
+    hu = random_phantom("body", g, seed=1, region="abdomen")
+    body = body_mask(hu)
+    dist = ndimage.distance_transform_edt(~body) * g.pixel_size  # mm from the body
+    xs, ys = g.pixel_centres
+    rad = np.hypot(xs[None, :], ys[:, None])
+    cfg = MetalConfig(count=3, diameter_mm=(4.0, 10.0), placement="air", margin_mm=5.0)
+    air = sample_metal(cfg, hu, g, rng=0)
+    for o in air:
+        cov = rasterize_metal([o], g).total > 0
+        assert _where(o, body, g) == "air"
+        assert dist[cov].min() >= cfg.margin_mm - g.pixel_size  # the raster's pixels, within a pixel
+        assert rad[cov].max() <= min(g.fov_radius, g.scan_radius)
+    check_placement(air, hu, g, "air")
+    skin = sample_metal(MetalConfig(count=3, diameter_mm=(4.0, 10.0), placement="skin"), hu, g, rng=0)
+    assert [_where(o, body, g) for o in skin] == ["skin"] * 3
+    check_placement(skin, hu, g, "skin")
+    with pytest.raises(ValueError, match="touches the body"):
+        check_placement(skin[:1], hu, g, "air")
+    with pytest.raises(ValueError, match="does not cross the skin"):
+        check_placement(air[:1], hu, g, "skin")
+    with pytest.raises(ValueError, match="leaves the body"):
+        check_placement(skin[:1], hu, g, "body")
+
+
+def test_air_and_skin_fractions_are_the_share_of_objects_placed_there():
+    g = get_geometry("small")
+    hu = random_phantom("body", g, seed=2, region="pelvis")
+    body = body_mask(hu)
+    cfg = MetalConfig(count=4, diameter_mm=(3.0, 6.0), air_fraction=0.3, skin_fraction=0.2, min_gap_mm=1.0)
+    kinds = [_where(o, body, g) for seed in range(25) for o in sample_metal(cfg, hu, g, rng=seed)]
+    n = len(kinds)
+    assert n == 100
+    # binomial(100, p): within 3.5 standard deviations
+    for kind, p in (("air", 0.3), ("skin", 0.2), ("body", 0.5)):
+        assert abs(kinds.count(kind) - n * p) <= 3.5 * math.sqrt(n * p * (1 - p)), (kind, kinds.count(kind))
+    everything = MetalConfig(count=3, diameter_mm=(3.0, 6.0), air_fraction=1.0)
+    assert {_where(o, body, g) for o in sample_metal(everything, hu, g, rng=0)} == {"air"}
+    # the synthetic source's body preset sees them; implants anchored in bone never leave it
+    assert get_metal_config("aapm_like").air_fraction > 0 and get_metal_config("aapm_like").skin_fraction > 0
+    assert get_metal_config("spine").air_fraction == 0 == get_metal_config("hip").skin_fraction
+    for bad in (dict(air_fraction=1.5), dict(skin_fraction=-0.1), dict(air_fraction=float("nan"))):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            MetalConfig(**bad)
+    with pytest.raises(ValueError, match="air_fraction \\+ skin_fraction"):
+        MetalConfig(air_fraction=0.6, skin_fraction=0.6)
 
 
 def test_sample_metal_reproducible():

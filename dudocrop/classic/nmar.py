@@ -1,21 +1,39 @@
 """Normalized metal artifact reduction (NMAR; Meyer, Raupach, Lell, Schmidt & Kachelrieß, Med. Phys. 37(10),
 5482-5493, 2010), as in REFERENCE §3 and the public NMAR code of the SynDeepLesion line (InDuDoNet / ACDNet).
 
-1. LI image (``classic.li``) with the metal pixels set to water.
+1. LI image (``classic.li``) with the metal pixels set to water; metal the LI image sees as air (an implant
+   outside the patient) is set to air instead (not in the paper: a water blob in the air would add its path to
+   every ray of the trace).
 2. Thresholds from a 3-class k-means of its values (air / soft tissue / bone, started at 0, mu_w and 2 mu_w);
    the tissue/bone threshold is at least +200 HU (the public code's ``max(t, 1.2 mu_w)``).
 3. Prior: the image smoothed by a 5 x 5 Gaussian (sigma = 1 pixel) and segmented with those thresholds: air -> 0,
    soft tissue -> mu_water, bone keeps its (smoothed) value. (The public code smooths before it segments; the
    thresholds come from the unsmoothed LI image.)
-4. p_prior = max(FP(prior), 0) + 1e-6; the measured sinogram is divided by it, the quotient is linearly
-   interpolated across the metal trace (the same routine as LI, :func:`classic.li.interpolate_trace`), and
-   multiplied back. Dividing by the prior flattens the sinogram where the prior explains it (bone edges,
-   the body outline), so the interpolation only has to bridge the small residual, not the bone's own structure.
-   Safeguard (not in the paper): where the prior explains less than 1 / ``MAX_QUOTIENT`` of a measured ray
-   next to the trace (metal at the body's edge, where the LI image segments tissue as air, so FP(prior) ~ 0
-   while the measurement is not), the quotient there is meaningless and, interpolated into rays where the prior
-   is large, would multiply up to thousands of HU. Such rays get quotient 1, and the interpolated share of them
-   across the trace blends the result towards LI, so NMAR falls back to LI exactly where its prior fails.
+4. p_prior = max(FP(prior), 0); the measured sinogram is divided by it, the quotient is linearly interpolated
+   across the metal trace (the same routine as LI, :func:`classic.li.interpolate_trace`), and multiplied back.
+   Dividing by the prior flattens the sinogram where the prior explains it (bone edges, the body outline), so
+   the interpolation only has to bridge the small residual, not the bone's own structure.
+
+   Guard (not in the paper; issue 19). The public code divides by p_prior + 1e-6. On a ray that misses the
+   patient (metal in the air, on the skin, at the body's edge) both the measurement and p_prior are ~0, the
+   quotient is noise over noise (a measured -0.003 over 1e-6 is -3000), and interpolated into rays where the
+   prior is large it multiplies up to line integrals of -900 and images of 10^4 HU. So a trace neighbour (knot)
+   counts as informative only where
+
+   * the prior carries information about the ray: p_prior >= ``PRIOR_FLOOR_PX`` pixels of water. The prior's
+     path along a ray is uncertain by about a pixel at each boundary the ray crosses (the LI image's blur, the
+     smoothing, the segmentation), so a ray that enters and leaves the body once has about two pixels of
+     uncertain path: below that the prior's projection is mostly its own error;
+   * and it explains the measurement: MIN_QUOTIENT <= Y / p_prior <= MAX_QUOTIENT. Above the band the prior
+     misses tissue (the LI image segments skin next to the metal as air) and dividing by it amplifies; below
+     it the prior claims tissue the ray did not see. The band is looser below because a quotient too small
+     cannot explode, it only scales the completion down (``docs/nmar_robustness.md`` has the measurements).
+
+   An uninformative knot gets quotient 1, and its interpolated share across the trace blends the completion
+   towards LI's (``w * NMAR + (1 - w) * LI`` per ray, w interpolated between the knots' 1 / 0 flags): a run with
+   two uninformative knots is LI exactly, so NMAR falls back to LI ray by ray where its prior fails. Finally the
+   completed line integrals are clipped to the physical range [0, max Y_ma] (a metal-free ray cannot attenuate
+   less than air, nor more than the most attenuating measured ray, which crosses metal).
 5. FBP, then the metal pixels are reinserted from X_ma.
 """
 
@@ -27,17 +45,18 @@ import torch.nn.functional as F
 from dudocrop.classic.li import _check_inputs, _operator, interpolate_trace, reinsert_metal
 from dudocrop.ct.geometry import FanBeamGeometry
 from dudocrop.ct.operators import FanBeamOperator
-from dudocrop.ct.units import MU_WATER, hu_to_mu, mu_to_hu
+from dudocrop.ct.units import HU_AIR, MU_WATER, hu_to_mu, mu_to_hu
 
-__all__ = ["BONE_MIN_HU", "MAX_QUOTIENT", "PRIOR_EPS", "kmeans_thresholds", "nmar", "nmar_prior",
+__all__ = ["BONE_MIN_HU", "MAX_QUOTIENT", "MIN_QUOTIENT", "PRIOR_FLOOR_PX", "kmeans_thresholds", "nmar", "nmar_prior",
            "normalized_interpolation"]
 
 #: REFERENCE §3: the bone class starts at +200 HU at the lowest (1.2 mu_water in the public code).
 BONE_MIN_HU = 200.0
-#: REFERENCE §3: p_prior = max(FP(prior), 0) + 1e-6 keeps the normalisation finite on air rays.
-PRIOR_EPS = 1e-6
-#: a trace neighbour whose quotient Y / p_prior exceeds this has a prior that misses the tissue (see step 4)
+#: step 4's guard: a trace neighbour is an informative knot only where the prior projects to at least this many
+#: pixels of water and the measured quotient Y / p_prior lies in [MIN_QUOTIENT, MAX_QUOTIENT]
+PRIOR_FLOOR_PX = 2.0
 MAX_QUOTIENT = 2.0
+MIN_QUOTIENT = 1.0 / 3.0
 #: Meyer 2010 / public code: 5 x 5 Gaussian, sigma = 1 pixel.
 SMOOTH_SIZE, SMOOTH_SIGMA = 5, 1.0
 #: k-means starts: air, water, twice water (0, mu_w, 2 mu_w), in HU.
@@ -84,13 +103,20 @@ def _gaussian_kernel(size: int, sigma: float, dtype, device) -> torch.Tensor:
 
 
 def nmar_prior(x_li_hu: torch.Tensor, metal: torch.Tensor) -> torch.Tensor:
-    """NMAR prior image (N, 1, H, W) in 1/mm from an LI image in HU and a bool metal mask (steps 1-3 above)."""
-    x = torch.where(metal, torch.zeros((), dtype=x_li_hu.dtype, device=x_li_hu.device), x_li_hu)  # metal -> water
+    """NMAR prior image (N, 1, H, W) in 1/mm from an LI image in HU and a bool metal mask (steps 1-3 above).
+
+    ``x_li_hu`` is the LI image before the metal is reinserted: its metal pixels hold LI's interpolation of what
+    lies behind the metal, which decides whether the metal becomes water (inside the patient) or air."""
+    zero = torch.zeros((), dtype=x_li_hu.dtype, device=x_li_hu.device)
+    x = torch.where(metal, zero, x_li_hu)  # metal -> water
     t = kmeans_thresholds(x)
+    t_air, t_bone = t[:, 0].view(-1, 1, 1, 1).to(x.dtype), t[:, 1].view(-1, 1, 1, 1).to(x.dtype)
+    # metal outside the patient: where LI, interpolated from the rays around the metal, sees air, the metal
+    # becomes air rather than water (a water blob in the air would add its path to every trace ray)
+    x = torch.where(metal & (x_li_hu <= t_air), torch.full_like(x, HU_AIR), x)
     k = _gaussian_kernel(SMOOTH_SIZE, SMOOTH_SIGMA, x.dtype, x.device)
     # replicate padding: the public code filters with 'nearest' / 'symmetric' borders, not zeros
     sm = F.conv2d(F.pad(x, (SMOOTH_SIZE // 2,) * 4, mode="replicate"), k)
-    t_air, t_bone = t[:, 0].view(-1, 1, 1, 1).to(sm.dtype), t[:, 1].view(-1, 1, 1, 1).to(sm.dtype)
     mu = hu_to_mu(sm)
     prior = torch.where(sm <= t_air, torch.zeros_like(mu), torch.where(sm < t_bone, torch.full_like(mu, MU_WATER), mu))
     return prior
@@ -100,13 +126,18 @@ def normalized_interpolation(y: torch.Tensor, trace: torch.Tensor, prior: torch.
                              ) -> torch.Tensor:
     """Step 4: the line integrals ``y`` (N, 1, V, C) completed across the bool ``trace`` by interpolating
     y / FP(prior) and multiplying back, for any ``prior`` image (N, 1, H, W) in 1/mm (NMAR's own is
-    :func:`nmar_prior`; ``bench/prior_ceiling.py`` passes the reference to measure what a perfect prior gives)."""
-    p_prior = op.fp(prior).clamp(min=0) + PRIOR_EPS
-    q = y / p_prior
-    reliable = q <= MAX_QUOTIENT
-    y_norm = interpolate_trace(torch.where(reliable, q, torch.ones_like(q)), trace) * p_prior
-    w = interpolate_trace(reliable.to(y.dtype), trace)  # 1 where both trace ends have a usable prior
+    :func:`nmar_prior`; ``bench/prior_ceiling.py`` passes the reference to measure what a perfect prior gives).
+
+    With the module docstring's guard: LI where the knots' prior is uninformative, and the completion clipped to
+    [0, max y] per slice. Outside the trace ``y`` is returned bit for bit."""
+    p_prior = op.fp(prior).clamp(min=0)
+    floor = PRIOR_FLOOR_PX * MU_WATER * op.geometry.pixel_size
+    q = y / p_prior.clamp(min=floor)
+    informative = (p_prior >= floor) & (q >= MIN_QUOTIENT) & (q <= MAX_QUOTIENT)
+    y_norm = interpolate_trace(torch.where(informative, q, torch.ones_like(q)), trace) * p_prior
+    w = interpolate_trace(informative.to(y.dtype), trace)  # 1 where both trace ends have an informative prior
     y_nmar = w * y_norm + (1 - w) * interpolate_trace(y, trace)
+    y_nmar = torch.minimum(y_nmar.clamp(min=0), y.amax(dim=(1, 2, 3), keepdim=True))
     # outside the trace the division and multiplication round-trip in floating point; keep the measurement exactly
     return torch.where(trace, y_nmar, y)
 

@@ -57,8 +57,8 @@ __all__ = [
 
 ShapeName = Literal["disc", "ellipse", "rod", "screw", "blob"]
 SHAPES: tuple[str, ...] = ("disc", "ellipse", "rod", "screw", "blob")
-Placement = Literal["body", "bone", "soft_tissue"]
-PLACEMENTS = ("body", "bone", "soft_tissue")
+Placement = Literal["body", "bone", "soft_tissue", "skin", "air"]
+PLACEMENTS = ("body", "bone", "soft_tissue", "skin", "air")
 
 
 # ---- shapes ------------------------------------------------------------------------------------------
@@ -300,9 +300,17 @@ class MetalConfig:
     ``count``: an exact number or an inclusive (min, max) range. ``diameter_mm``: equivalent diameters are drawn
     log-uniformly in this range (small and large implants equally often per octave). ``aspect`` range applies
     to ellipse, rod, screw and blob. ``placement``: ``body`` (anywhere inside the patient), ``bone`` (centre in
-    bone, HU > 200) or ``soft_tissue`` (the whole object at least ``margin_mm`` away from bone). Objects keep
-    ``margin_mm`` from the skin and ``min_gap_mm`` from each other. ``centres_mm`` pins the centres (then the
-    count is their number and only shape, size and material are drawn).
+    bone, HU > 200), ``soft_tissue`` (the whole object at least ``margin_mm`` away from bone), ``skin`` (centre
+    on the body outline, so the object straddles the skin: an ECG electrode, a clip) or ``air`` (the whole
+    object outside the patient, at least ``margin_mm`` from the skin: a lead, an external fixator, a clip on the
+    table). Inside-body placements keep ``margin_mm`` from the skin; every object keeps ``min_gap_mm`` from the
+    others and stays inside the reconstructable disc. ``centres_mm`` pins the centres (then the count is their
+    number and only shape, size and material are drawn).
+
+    ``air_fraction`` / ``skin_fraction``: the probability that each object is placed in ``air`` / on the
+    ``skin`` instead of by ``placement`` (so training and evaluation also see metal the NMAR prior cannot
+    explain; issue 19). Both 0 (the default): every object follows ``placement`` and no extra random number is
+    drawn, so such configs give the same objects as before these fields existed.
     """
 
     count: int | tuple[int, int] = (1, 4)
@@ -315,6 +323,8 @@ class MetalConfig:
     min_gap_mm: float = 2.0
     centres_mm: tuple[tuple[float, float], ...] | None = None
     max_tries: int = 500
+    air_fraction: float = 0.0
+    skin_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         c = self.count
@@ -343,6 +353,13 @@ class MetalConfig:
             v = getattr(self, f)
             if not (_finite(v) and v >= 0):
                 raise ValueError(f"MetalConfig.{f} must be a finite number >= 0, got {v!r}")
+        for f in ("air_fraction", "skin_fraction"):
+            v = getattr(self, f)
+            if not (_finite(v) and 0 <= v <= 1):
+                raise ValueError(f"MetalConfig.{f} must be a probability in [0, 1], got {v!r}")
+        if self.air_fraction + self.skin_fraction > 1:
+            raise ValueError(f"MetalConfig.air_fraction + skin_fraction must be <= 1, got "
+                             f"{self.air_fraction} + {self.skin_fraction}")
         if self.centres_mm is not None:
             cs = self.centres_mm
             if not (isinstance(cs, Sequence) and len(cs) >= 1 and all(
@@ -359,8 +376,9 @@ class MetalConfig:
 
 
 METAL_PRESETS: dict[str, MetalConfig] = {
-    # AAPM CT-MAR-like: 1-4 objects of Ti / steel / Co-Cr / Cu, 2-20 mm, all shapes, anywhere in the body
-    "aapm_like": MetalConfig(),
+    # AAPM CT-MAR-like: 1-4 objects of Ti / steel / Co-Cr / Cu, 2-20 mm, all shapes, anywhere in the body; one
+    # object in twenty lies outside the patient and one in twenty on the skin (leads, electrodes, clips)
+    "aapm_like": MetalConfig(air_fraction=0.05, skin_fraction=0.05),
     # SynDeepLesion-like: one to a few titanium objects (their 100 masks are Ti, 4.5 g/cm^3; REFERENCE §3)
     "syndeeplesion_like": MetalConfig(count=(1, 3), diameter_mm=(2.0, 25.0), materials=("titanium",)),
     # spinal fixation: 2-4 titanium screws/rods anchored in bone
@@ -387,7 +405,9 @@ def get_metal_config(name_or_config: str | MetalConfig) -> MetalConfig:
 @dataclass
 class _Regions:
     g: FanBeamGeometry
+    body: np.ndarray
     body_dist: np.ndarray  # mm from each body pixel to the outside of the body (0 outside)
+    air_dist: np.ndarray  # mm from each pixel outside the body to the body (0 inside)
     bone: np.ndarray
     bone_dist: np.ndarray  # mm from each pixel to the nearest bone pixel
     fov_dist: np.ndarray  # mm from the edge of the reconstructable disc
@@ -411,19 +431,27 @@ def _regions(clean_hu, g: FanBeamGeometry) -> _Regions:
     rad = np.hypot(xs[None, :], ys[:, None])
     return _Regions(
         g,
+        body,
         ndimage.distance_transform_edt(body) * px,
+        ndimage.distance_transform_edt(~body) * px if body.any() else np.full(body.shape, np.inf),
         bone,
         ndimage.distance_transform_edt(~bone) * px if bone.any() else np.full(bone.shape, np.inf),
         min(g.fov_radius, g.scan_radius) - rad,
     )
 
 
-def _eligible(reg: _Regions, R: float, cfg: MetalConfig) -> np.ndarray:
+def _eligible(reg: _Regions, R: float, cfg: MetalConfig, placement: str) -> np.ndarray:
     px = reg.g.pixel_size
-    ok = (reg.body_dist >= R + cfg.margin_mm + px) & (reg.fov_dist >= R + px)
-    if cfg.placement == "bone":
+    ok = reg.fov_dist >= R + px
+    if placement == "air":
+        ok &= reg.air_dist >= R + cfg.margin_mm + px
+    elif placement == "skin":  # the outermost ring of body pixels: the centre sits on the skin
+        ok &= (reg.body_dist > 0) & (reg.body_dist <= px)
+    else:
+        ok &= reg.body_dist >= R + cfg.margin_mm + px
+    if placement == "bone":
         ok &= reg.bone
-    elif cfg.placement == "soft_tissue":
+    elif placement == "soft_tissue":
         ok &= reg.bone_dist >= R + cfg.margin_mm + px
     if reg.taken:
         xs, ys = reg.g.pixel_centres
@@ -466,16 +494,22 @@ def sample_metal(config: MetalConfig | str, clean_hu, geometry: FanBeamGeometry 
     px = g.pixel_size
     out: list[MetalObject] = []
     tries = 0
+    placement = cfg.placement
     while len(out) < n:
         tries += 1
         if tries > cfg.max_tries:
             raise ValueError(
-                f"config: could not place object {len(out) + 1} of {n} ({cfg.placement!r} placement, diameters "
+                f"config: could not place object {len(out) + 1} of {n} ({placement!r} placement, diameters "
                 f"{cfg.diameter_mm} mm) in this slice after {cfg.max_tries} tries; the region is too small"
             )
         obj = _draw_object(cfg, rng)
+        placement = cfg.placement
+        if cfg.air_fraction or cfg.skin_fraction:
+            u = rng.uniform()
+            placement = "air" if u < cfg.air_fraction else "skin" if u < cfg.air_fraction + cfg.skin_fraction \
+                else placement
         R = obj.radius_mm()
-        ok = _eligible(reg, R, cfg)
+        ok = _eligible(reg, R, cfg, placement)
         idx = np.flatnonzero(ok)
         if idx.size == 0:
             continue
@@ -484,6 +518,10 @@ def sample_metal(config: MetalConfig | str, clean_hu, geometry: FanBeamGeometry 
         # jitter within the pixel: centres are continuous, the eligibility margins include one pixel
         c = (float(xs[j] + rng.uniform(-0.5, 0.5) * px), float(ys[i] + rng.uniform(-0.5, 0.5) * px))
         obj = replace(obj, centre_mm=c)
+        if placement == "skin":  # a small object on the outermost body pixels may still miss the air: redraw
+            cov = coverage(obj.outline(), g, 2) > 0
+            if not (reg.body[cov].any() and (~reg.body[cov]).any()):
+                continue
         reg.taken.append((c, R))
         out.append(obj)
     return tuple(out)
@@ -491,7 +529,9 @@ def sample_metal(config: MetalConfig | str, clean_hu, geometry: FanBeamGeometry 
 
 def check_placement(objects: Sequence[MetalObject], clean_hu, geometry: FanBeamGeometry | str,
                     placement: str = "body") -> None:
-    """Raise ValueError if an object leaves the body (or, for ``bone``, has its centre outside bone)."""
+    """Raise ValueError if an object is not where ``placement`` puts it: inside the body (``body``, ``bone``
+    with its centre in bone, ``soft_tissue`` touching no bone), across the skin (``skin``: partly inside, partly
+    outside) or wholly outside it (``air``)."""
     g = get_geometry(geometry)
     objs = _check_objects(objects)
     if placement not in PLACEMENTS:
@@ -502,8 +542,18 @@ def check_placement(objects: Sequence[MetalObject], clean_hu, geometry: FanBeamG
     xs, ys = g.pixel_centres
     for k, o in enumerate(objs):
         cov = coverage(o.outline(), g, 2)
-        if (cov > 0)[~body].any():
-            raise ValueError(f"objects[{k}] ({o.shape}, {o.diameter_mm:.1f} mm at {o.centre_mm}) leaves the body")
+        what = f"objects[{k}] ({o.shape}, {o.diameter_mm:.1f} mm at {o.centre_mm})"
+        inside, outside = (cov > 0)[body].any(), (cov > 0)[~body].any()
+        if placement == "air":
+            if inside:
+                raise ValueError(f"{what} touches the body ('air' placement)")
+            continue
+        if placement == "skin":
+            if not (inside and outside):
+                raise ValueError(f"{what} does not cross the skin ('skin' placement)")
+            continue
+        if outside:
+            raise ValueError(f"{what} leaves the body")
         if placement == "bone":
             j = int(np.argmin(np.abs(xs - o.centre_mm[0])))
             i = int(np.argmin(np.abs(ys - o.centre_mm[1])))

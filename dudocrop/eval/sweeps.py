@@ -242,7 +242,8 @@ def size_sweep_set(clean_hu, op, diameters_mm: Sequence[float], metal: str | Met
     hu = x[0, 0].cpu().numpy()
     if obj is None:
         cfg = metal_config_for("body", op.geometry) if metal is None else get_metal_config(metal)
-        cfg = replace(cfg, count=1, diameter_mm=(ds[-1], ds[-1]))
+        # the object grows in place, so it is drawn inside the body (no air / skin objects)
+        cfg = replace(cfg, count=1, diameter_mm=(ds[-1], ds[-1]), air_fraction=0.0, skin_fraction=0.0)
         obj = sample_metal(cfg, hu, op.geometry, np.random.default_rng(np.random.SeedSequence([seed, 0x51])))[0]
     sweep = size_sweep(obj, ds, hu, op.geometry)
     members = tuple(_member(x, op, objs, settings, seed) for objs in sweep)
