@@ -33,7 +33,6 @@ from dudocrop.pipeline.model import (
     MODEL_FILES,
     DuDoCROP,
     check_model_folder,
-    osro_region,
     pipeline_config_with,
     save_pipeline_meta,
 )
@@ -89,7 +88,7 @@ def shard_priors(data: str, models: str, shard: str, steps: int | None, batch_si
         b = {k: torch.from_numpy(np.ascontiguousarray(v[i:i + batch_size]))[:, None] for k, v in cols.items()}
         x, y, mask, trace = model.prepare(b["X_ma"], b["Y_ma"], b["metal_mask"], b["metal_trace"])
         x_prior, y_prior = model.priors(x, y, mask, trace)
-        region = osro_region(x, mask, g, model.config.metal_region_dilation)
+        region = model.region(x, mask)
         res = osro(x_prior, y_prior, model.norm.sino(y), trace, model.fbp_unit, None, region, cfg)
         xp.append(model.norm.image_to_hu(res.X_p)[:, 0].cpu().numpy())
         xpp.append(model.norm.image_to_hu(res.X_p_prime)[:, 0].cpu().numpy())

@@ -27,7 +27,7 @@ class FusionCache:
     X_p: torch.Tensor
     X_p_prime: torch.Tensor
     X_r_hat: torch.Tensor | None
-    region: torch.Tensor  # the Eq. 11 min / max region (osro_region)
+    region: torch.Tensor  # the Eq. 11 min / max region (DuDoCROP.region)
     x_ma_hu: torch.Tensor
     metal_mask: torch.Tensor
     x_ref_hu: torch.Tensor
@@ -40,8 +40,6 @@ class FusionCache:
     def build(cls, model, x_ma_hu, y_ma, metal_mask, trace, x_ref_hu, case_ids, batch_size: int = 8,
               progress=None) -> FusionCache:
         """Sample the priors of a :class:`~dudocrop.pipeline.model.DuDoCROP` ``model`` on (N, 1, ...) tensors."""
-        from dudocrop.pipeline.model import osro_region
-
         if model.models["residual"] is None:
             raise ValueError("the model folder has no sde_residual.pt: k (Eq. 13) cannot be chosen without ε3")
         parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("X_p", "X_p_prime", "X_r_hat", "region")}
@@ -52,7 +50,7 @@ class FusionCache:
             x, _, mask, _ = model.prepare(x_ma_hu[sl], y_ma[sl], metal_mask[sl], trace[sl])
             for k in ("X_p", "X_p_prime", "X_r_hat"):
                 parts[k].append(getattr(out.priors, k).cpu())
-            parts["region"].append(osro_region(x, mask, model.geometry, model.config.metal_region_dilation).cpu())
+            parts["region"].append(model.region(x, mask).cpu())
             if progress is not None:
                 progress(min(n, i + batch_size), n)
         cat = {k: torch.cat(v) for k, v in parts.items()}

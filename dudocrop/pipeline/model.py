@@ -46,10 +46,18 @@ class PipelineConfig:
     ``sinogram`` are the single-domain rows of Table V (X_o is then the image prior X_p, or X'_p = FBP(Y_p)).
     ``metal_region_dilation``: pixels of metal dilation excluded from the Eq. 11 min / max region. ``precision``:
     the U-Nets' arithmetic (``fp32``, or ``bf16`` autocast as in training on CUDA; the samplers stay float32);
-    ``channels_last`` takes effect when the model is moved (``DuDoCROP.to``)."""
+    ``channels_last`` takes effect when the model is moved (``DuDoCROP.to``).
+
+    The paper's literal choices, each a switch (the ``paper`` run preset sets all three): ``sampler='sde'``, the
+    Euler-Maruyama reverse step of Eq. 5 ((dF_t)_ε of Eq. 9; ``posterior`` is the public IR-SDE code's step);
+    ``x0_clip=False``, no clipping of F̂_0 to [0, 1] in the sampler (the paper names none); ``osro_region='image'``,
+    Eq. 11's min / max over the whole image (``body``: the body inside the FOV minus the dilated metal,
+    :func:`osro_region`)."""
 
     steps: int | None = None
     sampler: Literal["posterior", "sde"] = "posterior"
+    x0_clip: bool = True
+    osro_region: Literal["body", "image"] = "body"
     tile: int | None = None
     tile_overlap: int = 32
     domains: Literal["dual", "image", "sinogram"] = "dual"
@@ -69,6 +77,12 @@ class PipelineConfig:
             raise ValueError(f"PipelineConfig.domains must be 'dual', 'image' or 'sinogram', got {self.domains!r}")
         if self.tile is not None and self.tile < 32:
             raise ValueError(f"PipelineConfig.tile must be None or >= 32 pixels, got {self.tile!r}")
+        if self.sampler not in ("posterior", "sde"):
+            raise ValueError(f"PipelineConfig.sampler must be 'posterior' or 'sde', got {self.sampler!r}")
+        if self.osro_region not in OSRO_REGIONS:
+            raise ValueError(f"PipelineConfig.osro_region must be one of {OSRO_REGIONS}, got {self.osro_region!r}")
+        if not isinstance(self.x0_clip, bool):
+            raise ValueError(f"PipelineConfig.x0_clip must be True or False, got {self.x0_clip!r}")
 
 
 @dataclass
@@ -98,11 +112,20 @@ def _fov_region(g: FanBeamGeometry, device) -> torch.Tensor:
     return (x[None, :] ** 2 + y[:, None] ** 2 <= g.fov_radius ** 2)[None, None]
 
 
+#: where Eq. 11 takes its min / max (PipelineConfig.osro_region): ``image``, every pixel (the paper); ``body``.
+OSRO_REGIONS = ("body", "image")
+
+
 def osro_region(x_ma_hu: torch.Tensor, metal_mask: torch.Tensor, g: FanBeamGeometry,
-                dilation: int = 1) -> torch.Tensor:
-    """Where Eq. 11 takes its min / max: the patient's body (inside the reconstruction circle) minus the metal
-    dilated by ``dilation`` px. Air is left out because the [0, 1] units clip it at 0 HU-equivalent attenuation in
+                dilation: int = 1, mode: str = "body") -> torch.Tensor:
+    """Where Eq. 11 takes its min / max. ``mode='image'``: every pixel, as Eq. 11 is written. ``body``: the
+    patient's body (inside the reconstruction circle) minus the metal dilated by ``dilation`` px.
+    Air is left out because the [0, 1] units clip it at 0 HU-equivalent attenuation in
     the diffusion priors but not in FBP(Y_p), so air noise would set the range of X'_p and shift every tissue."""
+    if mode not in OSRO_REGIONS:
+        raise ValueError(f"osro_region mode must be one of {OSRO_REGIONS}, got {mode!r}")
+    if mode == "image":
+        return torch.ones_like(metal_mask, dtype=torch.bool)
     m = metal_mask.float()
     if dilation:
         m = torch.nn.functional.max_pool2d(m, 2 * dilation + 1, stride=1, padding=dilation)
@@ -188,7 +211,12 @@ class DuDoCROP:
         tile = c.tile if c.tile is not None and max(mu.shape[-2:]) > c.tile else None
         return self.models[key].restore(mu, content, control, steps=c.steps, sampler=c.sampler, generator=g,
                                         tile=tile, overlap=c.tile_overlap, precision=c.precision,
-                                        compile=c.compile)
+                                        compile=c.compile, x0_clip=c.x0_clip)
+
+    def region(self, x_ma_hu: torch.Tensor, metal_mask: torch.Tensor) -> torch.Tensor:
+        """Eq. 11's min / max region as this config says (``osro_region``)."""
+        c = self.config
+        return osro_region(x_ma_hu, metal_mask, self.geometry, c.metal_region_dilation, c.osro_region)
 
     def fbp_unit(self, y_unit: torch.Tensor) -> torch.Tensor:
         """FBP from normalised line integrals to normalised attenuation (no clipping: FBP noise may be < 0)."""
@@ -268,7 +296,7 @@ class DuDoCROP:
             y_unit = self.norm.sino(y_ma)
             x_o = self.fbp_unit(sinogram_prior(y_prior, y_unit, trace, cfg.fidelity))
         else:
-            region = osro_region(x_ma_hu, metal_mask, self.geometry, self.config.metal_region_dilation)
+            region = self.region(x_ma_hu, metal_mask)
             refine = self.refine if self.models["residual"] is not None else None
             res = osro(x_prior, y_prior, self.norm.sino(y_ma), trace, self.fbp_unit, refine, region, cfg)
             x_o = res.X_o
@@ -282,7 +310,7 @@ class DuDoCROP:
     def refuse(self, priors: OSROResult, x_ma_hu: torch.Tensor, metal_mask: torch.Tensor,
                cfg: OSROConfig) -> torch.Tensor:
         """Eq. 13-15 again from cached priors with other (k, α, β): X_o in HU (the Ray Tune fusion sweep)."""
-        region = osro_region(x_ma_hu, metal_mask, self.geometry, self.config.metal_region_dilation)
+        region = self.region(x_ma_hu, metal_mask)
         _, x_o = fuse(priors.X_p, priors.X_p_prime, priors.X_r_hat, region, cfg)
         return self.to_hu(x_o, x_ma_hu, metal_mask)
 

@@ -52,6 +52,19 @@ PAPER_BATCH = 16
 PAPER_LR = 2e-4
 PAPER_BETAS = (0.9, 0.99)
 PAPER_STEPS = 70_000
+#: §IV-B: "We train our model with 400 and 600 epochs on image and sinogram domains ... the residual-domain IR-SDE is
+#: set to the same parameters as the image-domain IR-SDE and is trained for about 200 epochs". The 70,000 iterations
+#: are the image domain's (70,000 x 16 / 3,003 slices ≈ 373 epochs ≈ 400); the other domains keep that ratio of
+#: iterations to epochs (:func:`paper_steps`).
+PAPER_EPOCHS = {"image": 400, "sinogram": 600, "residual": 200}
+
+
+def paper_steps(domain: str) -> int:
+    """Iterations of a domain's IR-SDE in the paper: PAPER_STEPS scaled by its epochs over the image domain's."""
+    if domain not in PAPER_EPOCHS:
+        raise ValueError(f"domain must be one of {sorted(PAPER_EPOCHS)}, got {domain!r}")
+    return PAPER_STEPS * PAPER_EPOCHS[domain] // PAPER_EPOCHS["image"]
+
 #: REFERENCE §1: the public code's cosine annealing ends at 1e-6 (the paper says only "Cosine Annealing").
 REFERENCE_FINAL_LR = 1e-6
 #: REFERENCE §1: EMA of the weights with β ≈ 0.995 (not in the paper).
@@ -574,10 +587,11 @@ class SDEModel:
 
     def restore(self, mu_unit: torch.Tensor, content=None, control=None, *, steps: int | None = None,
                 generator: torch.Generator | None = None, tile: int | None = None, overlap: int = 32,
-                precision: str = "fp32", compile: bool = False, **kw) -> torch.Tensor:
+                precision: str = "fp32", compile: bool = False, x0_clip: bool = True, **kw) -> torch.Tensor:
         """F̂_0 in [0, 1] from μ in [0, 1] (N, 1, H, W): ``IRSDE.sample`` (or ``sample_tiled`` with ``tile``, by
         default the model's own when μ is larger), each F̂_0 clipped to [0, 1], the range every domain is
-        normalised to. ``precision``: the U-Net's (``unet.PRECISIONS``; ``bf16`` autocasts it, as training on CUDA
+        normalised to, unless ``x0_clip`` is False (the paper's sampler, which clips nothing).
+        ``precision``: the U-Net's (``unet.PRECISIONS``; ``bf16`` autocasts it, as training on CUDA
         does, while the sampler stays float32). ``compile``: the U-Net through ``torch.compile`` (mode
         reduce-overhead: fused kernels, replayed as CUDA graphs on a GPU), compiled once per precision and input
         size; on an H200 the paper U-Net at 512² went from 26.7 to 6.8 ms per evaluation in bf16 (29 s to
@@ -591,11 +605,12 @@ class SDEModel:
             if precision not in self._compiled:
                 self._compiled[precision] = torch.compile(net, mode="reduce-overhead", dynamic=False)
             net = self._compiled[precision]
+        x0_range = (0.0, 1.0) if x0_clip else None
         if tile is None:
             return self.sde.sample(net, mu_unit, content, control, steps=steps, generator=generator,
-                                   x0_range=(0.0, 1.0), **kw)
+                                   x0_range=x0_range, **kw)
         return self.sde.sample_tiled(net, mu_unit, content, control, tile=tile, overlap=overlap, steps=steps,
-                                     generator=generator, x0_range=(0.0, 1.0), **kw)
+                                     generator=generator, x0_range=x0_range, **kw)
 
 
 def _ema_weights(unet: nn.Module, ema) -> dict[str, torch.Tensor]:
