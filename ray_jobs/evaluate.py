@@ -30,11 +30,11 @@ from dudocrop.eval.sweeps import make_sweeps, sweeps_pi
 from dudocrop.metrics.image import body_mask
 from dudocrop.metrics.lpips import LPIPSMetric, LPIPSUnavailable, backbone_note
 from dudocrop.pipeline.ablation import ROWS, TABLE_V, ablation_outputs
-from dudocrop.pipeline.model import PIPELINE_FILE, DuDoCROP, save_pipeline_meta
+from dudocrop.pipeline.model import PIPELINE_FILE, DuDoCROP, geometry_batches, save_pipeline_meta
 from dudocrop.pipeline.osro import OSROConfig
 from dudocrop.train.rows import load_split
 
-COLUMNS = ["case_id", "X_ma", "X_ref", "Y_ma", "metal_mask", "metal_trace"]
+COLUMNS = ["case_id", "geometry", "X_ma", "X_ref", "Y_ma", "metal_mask", "metal_trace"]
 #: columns of the Fig. 9-like panel (baselines vs DuDoCROP) and the Fig. 13-like panel (DuDoCROP's modules).
 FIG9 = ("uncorrected", "LI", "NMAR", "dudocrop")
 FIG13 = ("image_norm", "sino_fidelity", "refine_norm", "dudocrop")
@@ -135,17 +135,21 @@ def run(a: argparse.Namespace) -> dict:
                      "not the pretrained CLIP of the paper.")
     rows, t0 = [], time.time()
     first = None
-    for i in range(0, n, a.batch_size):
-        b = rows_in.take(np.arange(i, min(n, i + a.batch_size)))
+    done = 0
+    # each slice in its own geometry (AAPM head slices among body slices: DuDoCROP.at)
+    for geom, idx in geometry_batches(rows_in.columns["geometry"][:n], n, a.batch_size):
+        b = rows_in.take(idx)
         t = {k: torch.from_numpy(np.ascontiguousarray(b[k]))[:, None].to(device)
              for k in ("X_ma", "X_ref", "Y_ma", "metal_mask", "metal_trace")}
-        outs, secs = restore(model, t["X_ma"], t["Y_ma"], t["metal_mask"], t["metal_trace"] > 0, cfg, baseline)
+        outs, secs = restore(model.at(geom), t["X_ma"], t["Y_ma"], t["metal_mask"], t["metal_trace"] > 0, cfg,
+                             None if baseline is None else baseline.at(geom))
         roi = body_mask(t["X_ref"])
         for name, x in outs.items():
             rows += score_rows(name, dataset, b["case_id"], x, t["X_ref"], t["metal_mask"], secs[name], lp, roi)
         if first is None:
             first = {k: v[:1].cpu() for k, v in outs.items()}, t["X_ref"][:1].cpu(), t["metal_mask"][:1].cpu()
-        print(f"evaluate: {min(n, i + a.batch_size)}/{n} slices | {time.time() - t0:.1f}s", flush=True)
+        done += len(idx)
+        print(f"evaluate: {done}/{n} slices | {time.time() - t0:.1f}s", flush=True)
 
     pi = None
     if lp is not None and a.sweeps != "none":

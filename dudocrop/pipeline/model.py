@@ -11,8 +11,10 @@ turns the result back into HU with the metal reinserted.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
@@ -144,6 +146,8 @@ class DuDoCROP:
         self.config = config
         self.norm = Normalization.for_geometry(self.geometry)
         self.op = FanBeamOperator(self.geometry, backend)
+        self._ops = {self.geometry.name: self.op}  # operators of other geometries (:meth:`at`), shared by views
+        self._backend = backend
         self.models = {"image": image_model, "sinogram": sinogram_model, "residual": residual_model}
         for name, m in self.models.items():
             if m is not None and getattr(m, "domain", name) != name:
@@ -180,6 +184,28 @@ class DuDoCROP:
         model = cls(meta["geometry"], loaded["image"], loaded["sinogram"], loaded["residual"], clip, cfg, device)
         model.fusion = meta.get("fusion")
         return model
+
+    def at(self, geometry: FanBeamGeometry | str | None) -> DuDoCROP:
+        """This model with the CT geometry of a slice that has its own field of view but the model's array shapes
+        (an AAPM head slice, 220.16 mm, in a model trained on body and head, paper §IV-A): FP, FBP, the metal trace,
+        NMAR, the FOV of Eq. 11's region and CLIP's sinogram window follow that geometry, while the networks and the
+        [0, 1] normalisation they were trained with stay the model's. A view: nothing is copied but the attributes.
+        ``None`` or the model's own geometry returns the model itself."""
+        if geometry is None:
+            return self
+        g = get_geometry(geometry)
+        if g.name == self.geometry.name:
+            return self
+        if (g.image_shape, g.sino_shape) != (self.geometry.image_shape, self.geometry.sino_shape):
+            raise ValueError(f"geometry {g.name!r} has other array shapes than the model's {self.geometry.name!r} "
+                             f"({g.image_shape}, {g.sino_shape} vs {self.geometry.image_shape}, "
+                             f"{self.geometry.sino_shape})")
+        view = copy.copy(self)
+        view.geometry = g
+        if g.name not in self._ops:
+            self._ops[g.name] = FanBeamOperator(g, self._backend)
+        view.op = self._ops[g.name]
+        return view
 
     def to(self, device: str | torch.device) -> DuDoCROP:
         self.device = torch.device(device)
@@ -313,6 +339,18 @@ class DuDoCROP:
         region = self.region(x_ma_hu, metal_mask)
         _, x_o = fuse(priors.X_p, priors.X_p_prime, priors.X_r_hat, region, cfg)
         return self.to_hu(x_o, x_ma_hu, metal_mask)
+
+
+def geometry_batches(geometries: Sequence[str] | None, n: int, batch_size: int) -> list[tuple[str | None, list[int]]]:
+    """Row indices 0..n-1 in batches of at most ``batch_size`` that share one geometry (``geometries[i]`` is row
+    i's, e.g. a shard's ``geometry`` column; None: all rows the model's), in row order within each geometry, so a
+    caller can run ``model.at(g)`` on each batch and put the results back by index."""
+    if geometries is not None and len(geometries) != n:
+        raise ValueError(f"geometries has {len(geometries)} entries for {n} rows")
+    groups: dict[str | None, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(None if geometries is None else str(geometries[i]), []).append(i)
+    return [(g, idx[k:k + batch_size]) for g, idx in groups.items() for k in range(0, len(idx), batch_size)]
 
 
 def pipeline_config_with(items, base: PipelineConfig = PipelineConfig()) -> PipelineConfig:

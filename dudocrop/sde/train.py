@@ -282,10 +282,13 @@ def domain_columns(domain: str, use_embeddings: bool, sino_mu: str = "ma", image
     sinogram domain reads Y_ma / Y_ref / metal_trace (the LI comparison), and X_ma / metal_mask when its μ is
     ``nmar``."""
     _check_domain(domain)
+    # an NMAR μ is computed in each slice's own geometry (AAPM body and head slices in one run): + "geometry"
     if domain == "image":
-        cols, side = ["X_ma", "X_ref", "metal_mask"] + (["Y_ma", "metal_trace"] if image_mu == "nmar" else []), {}
+        cols = ["X_ma", "X_ref", "metal_mask"] + (["Y_ma", "metal_trace", "geometry"] if image_mu == "nmar" else [])
+        side = {}
     elif domain == "sinogram":
-        cols, side = ["Y_ma", "Y_ref", "metal_trace"] + (["X_ma", "metal_mask"] if sino_mu == "nmar" else []), {}
+        cols = ["Y_ma", "Y_ref", "metal_trace"] + (["X_ma", "metal_mask", "geometry"] if sino_mu == "nmar" else [])
+        side = {}
     else:
         cols, side = ["X_ref", "metal_mask"], {"priors": ["X_p", "X_p_prime"]}
     if use_embeddings:
@@ -339,10 +342,9 @@ def with_sinogram_mu(rows: SliceRows, source: str, op, batch: int = 16) -> Slice
     returned unchanged (μ is cheap to compute per batch). ``op``: the CT operator or geometry of the data."""
     if source in ("ma", "li"):
         return rows
-    op = _operator(op)  # built once for all batches
-    return _with_column(rows, SINOGRAM_MU_COLUMN, batch, lambda c, sl: sinogram_mu(
+    return _with_column(rows, SINOGRAM_MU_COLUMN, batch, lambda c, sl, op: sinogram_mu(
         _column(c, "Y_ma")[sl], _column(c, "metal_trace")[sl], source, x_ma=_column(c, "X_ma")[sl],
-        metal_mask=_column(c, "metal_mask")[sl], op=op))
+        metal_mask=_column(c, "metal_mask")[sl], op=op), _operator(op))
 
 
 def image_mu(x_ma, y_ma, metal_mask, trace, source: str, op):
@@ -365,10 +367,9 @@ def with_image_mu(rows: SliceRows, source: str, op, batch: int = 16) -> SliceRow
     slice; ``ma`` rows are returned unchanged."""
     if source == "ma":
         return rows
-    op = _operator(op)
-    return _with_column(rows, IMAGE_MU_COLUMN, batch, lambda c, sl: image_mu(
+    return _with_column(rows, IMAGE_MU_COLUMN, batch, lambda c, sl, op: image_mu(
         _column(c, "X_ma")[sl], _column(c, "Y_ma")[sl], _column(c, "metal_mask")[sl], _column(c, "metal_trace")[sl],
-        source, op))
+        source, op), _operator(op))
 
 
 def _operator(op):
@@ -377,12 +378,27 @@ def _operator(op):
     return op if isinstance(op, FanBeamOperator) else FanBeamOperator(op)
 
 
-def _with_column(rows: SliceRows, name: str, batch: int, compute) -> SliceRows:
-    """``rows`` plus column ``name``: ``compute(columns, slice)`` over batches of rows, concatenated."""
+def _with_column(rows: SliceRows, name: str, batch: int, compute, op) -> SliceRows:
+    """``rows`` plus column ``name``: ``compute(columns, rows, operator)`` over batches of rows. Rows whose
+    ``geometry`` column names another geometry than ``op``'s (AAPM head slices among body slices) get that
+    geometry's operator: each slice is projected and reconstructed in its own field of view."""
     cols = rows.columns
     n = len(next(iter(cols.values())))
-    parts = [compute(cols, slice(i, i + batch)) for i in range(0, n, batch)]
-    return SliceRows({**cols, name: np.concatenate(parts)}, rows.shard_of_row)
+    geoms = cols.get("geometry")
+    ops = {op.geometry.name: op}
+    out = None
+    for i in range(0, n, batch):
+        idx = np.arange(i, min(n, i + batch))
+        names = [op.geometry.name] * len(idx) if geoms is None else [str(geoms[j]) for j in idx]
+        for g in dict.fromkeys(names):
+            sel = idx[[k for k, v in enumerate(names) if v == g]]
+            if g not in ops:
+                ops[g] = _operator(g)
+            part = np.asarray(compute(cols, sel, ops[g]))
+            if out is None:
+                out = np.empty((n, *part.shape[1:]), part.dtype)
+            out[sel] = part
+    return SliceRows({**cols, name: out}, rows.shard_of_row)
 
 
 def to_unit_pair(rows: Mapping, domain: str, norm: Normalization, sino_mu: str = "ma", image_mu: str = "ma"
