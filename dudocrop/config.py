@@ -113,6 +113,7 @@ RUN_PRESETS: dict[str, RunPreset] = {
     # (val, 800 steps: trace RMSE 10.3 vs LI's 9.5 per mille; x0 output 9.5; x0 + metal-centred crops 9.6), and the
     # NMAR completion's trace error is 13 % below LI's (SINOGRAM_MU). 11 fusion points (steps of 0.1, 1331 trials,
     # 5.4 min): the 5-point grid's α = 0, β = 1 left DuDoCROP 0.07 dB under NMAR on test, α = 0.1, β = 0.9 ties it.
+    # (Decided on a test-split number, not re-decided on val yet: README, "Which split decided what".)
     # The image model starts from the NMAR image (image_mu nmar) with standardised inputs (input_scale 20), its loss
     # on F̂_0 (loss_form x0) over the body outside the metal, sampled in 64² windows like its crops: from X_ma it
     # ended 7.5 dB under NMAR, and without the standardisation the same U-Net barely learned (IMAGE_MU,

@@ -94,6 +94,7 @@ SINOGRAM_MU_COLUMN = "Y_mu"
 #:   standardised inputs, loss on the body outside the metal, bench/prior_ceiling.py) ended 0.53 dB above NMAR,
 #:   and small's image IR-SDE trained so (with ``loss_form='x0'``, 64² sampling windows) 1.08 dB above it on the
 #:   12 test slices, 5 sampler steps. Computed once per slice (:func:`with_image_mu`).
+#:   (The X_ma comparison was on test slices, not re-decided on val yet: README, "Which split decided what".)
 IMAGE_MU: tuple[str, ...] = ("ma", "nmar")
 #: the precomputed μ of the image domain in HU (:func:`with_image_mu`)
 IMAGE_MU_COLUMN = "X_mu"
