@@ -307,10 +307,10 @@ def test_aapm_mixed_anatomy_reads_each_case_in_its_own_field_of_view(tmp_path):
     """Body and head cases in one run (paper §IV-A): the head slice is stored with the challenge's 220.16 mm FOV
     and its metal trace is projected in it, the body slice with 400 mm (the challenge's documented FOVs); a test
     set given as a folder of the release's layout is read from that folder."""
+    import torch
+
     from dudocrop.ct.operators import FanBeamOperator
     from dudocrop.ct.trace import metal_trace
-
-    torch = pytest.importorskip("torch")
     make_fake_aapm(tmp_path / "train", [("b1", "body"), ("h1", "head")], g=AAPM_BODY)
     make_fake_aapm(tmp_path / "official_test", [("t_head", "head")], g=AAPM_BODY)
     opts = _aapm_opts(tmp_path / "train", anatomy="mixed", test_split=str(tmp_path / "official_test"))
