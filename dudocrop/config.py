@@ -10,7 +10,8 @@ The stage-level numbers live with their stages (``dudocrop.clip.config``, ``dudo
 * ``paper``: the paper's sizes and literal choices on a GPU cluster: AAPM body and head slices together, captions by
   LLaVA-v1.5-13b through vLLM, ViT-B-32, the 49 M U-Net with the paper's schedules (§IV-B), the Euler reverse step
   of Eq. 5 with no F̂_0 clipping, Eq. 11's min-max over the whole image; every stage that runs a model on the GPU.
-  It needs the data root, the LLaVA folder and the test split from the user (``PAPER_REQUIRED``).
+  It needs the data root, the LLaVA folder and the test split (or a patient grouping) from the user
+  (``RunPreset.missing``).
 """
 
 from __future__ import annotations
