@@ -18,7 +18,7 @@ import torch
 
 from dudocrop.classic.nmar import nmar
 from dudocrop.metrics.image import body_mask, image_metrics
-from dudocrop.pipeline.model import DuDoCROP, PipelineConfig, osro_region
+from dudocrop.pipeline.model import DuDoCROP, PipelineConfig
 from dudocrop.pipeline.osro import OSROConfig, norm, sinogram_prior
 from dudocrop.train.rows import load_split
 
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     x, y, mask, trace = model.prepare(t["X_ma"], t["Y_ma"], t["metal_mask"], t["metal_trace"] > 0)
     x_prior, y_prior = model.priors(x, y, mask, trace)
     x_pp = model.fbp_unit(sinogram_prior(y_prior, model.norm.sino(y), trace))
-    region = osro_region(x, mask, model.geometry, model.config.metal_region_dilation)
+    region = model.region(x, mask)  # the body region (PipelineConfig.osro_region's default)
     ref = t["X_ref"].float()
     roi = body_mask(ref)
 
@@ -54,9 +54,11 @@ def main(argv=None) -> int:
         return {"psnr": float(m["psnr"].mean()), "psnr_sd": float(m["psnr"].std()), "ssim": float(m["ssim"].mean()),
                 "psnr_per_slice": [round(float(v), 3) for v in m["psnr"]]}
 
+    minmax = OSROConfig(norm="minmax")
     table = {"raw prior ε2(X_ma)": score(x_prior), "X'_p = FBP(Y_p)": score(x_pp),
              "NMAR": score(hu=nmar(y, mask, x, model.op, trace=trace)),
-             "Eq. 12, min-max (paper)": score(norm(x_prior, x_pp, region, OSROConfig(norm="minmax")))}
+             "Eq. 12, min-max over the whole image (paper)": score(norm(x_prior, x_pp, None, minmax)),
+             "Eq. 12, min-max over the body": score(norm(x_prior, x_pp, region, minmax))}
     for s in (float(v) for v in a.sigmas.split(",")):
         cfg = replace(OSROConfig(), norm="affine", norm_sigma=s)
         table[f"Eq. 12, affine, σ = {s:g} px"] = score(norm(x_prior, x_pp, region, cfg))

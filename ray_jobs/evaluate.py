@@ -33,11 +33,11 @@ from dudocrop.eval.sweeps import make_sweeps, sweeps_pi
 from dudocrop.metrics.image import body_mask
 from dudocrop.metrics.lpips import LPIPSMetric, LPIPSUnavailable, backbone_note
 from dudocrop.pipeline.ablation import ROWS, TABLE_V, ablation_outputs
-from dudocrop.pipeline.model import PIPELINE_FILE, DuDoCROP, save_pipeline_meta
+from dudocrop.pipeline.model import PIPELINE_FILE, DuDoCROP, geometry_batches, save_pipeline_meta
 from dudocrop.pipeline.osro import OSROConfig, region_problems
 from dudocrop.train.rows import load_split
 
-COLUMNS = ["case_id", "X_ma", "X_ref", "Y_ma", "metal_mask", "metal_trace"]
+COLUMNS = ["case_id", "geometry", "X_ma", "X_ref", "Y_ma", "metal_mask", "metal_trace"]
 #: columns of the Fig. 9-like panel (baselines vs DuDoCROP) and the Fig. 13-like panel (DuDoCROP's modules).
 FIG9 = ("uncorrected", "LI", "NMAR", "dudocrop")
 FIG13 = ("image_norm", "sino_fidelity", "refine_norm", "dudocrop")
@@ -146,20 +146,23 @@ def run(a: argparse.Namespace) -> dict:
         fail_writer.write([failed[-1]])
         print(f"evaluate: slice {case_id} failed: {error}", flush=True)
 
-    for i in range(0, n, a.batch_size):
-        b = rows_in.take(np.arange(i, min(n, i + a.batch_size)))
+    done = 0
+    # each slice in its own geometry (AAPM head slices among body slices: DuDoCROP.at)
+    for geom, idx in geometry_batches(rows_in.columns["geometry"][:n], n, a.batch_size):
+        b = rows_in.take(idx)
+        gmodel, gbase = model.at(geom), None if baseline is None else baseline.at(geom)
         t = {k: torch.from_numpy(np.ascontiguousarray(b[k]))[:, None].to(device)
              for k in ("X_ma", "X_ref", "Y_ma", "metal_mask", "metal_trace")}
         ids = [str(c) for c in b["case_id"]]
         # slices OSRO cannot use are refused before any sampling; the rest of the batch goes on without them
-        problems = region_problems(t["X_ma"], t["metal_mask"], model.geometry, model.config.metal_region_dilation)
+        problems = region_problems(t["X_ma"], t["metal_mask"], gmodel.geometry, model.config.metal_region_dilation)
         for j, why in enumerate(problems):
             if why:
                 fail(ids[j], why)
 
-        def evaluate_slices(js: list[int], t=t, ids=ids) -> tuple[dict, dict, list[dict]]:
+        def evaluate_slices(js: list[int], t=t, ids=ids, gmodel=gmodel, gbase=gbase) -> tuple[dict, dict, list[dict]]:
             s = {k: v[js] for k, v in t.items()}
-            outs, secs = restore(model, s["X_ma"], s["Y_ma"], s["metal_mask"], s["metal_trace"] > 0, cfg, baseline)
+            outs, secs = restore(gmodel, s["X_ma"], s["Y_ma"], s["metal_mask"], s["metal_trace"] > 0, cfg, gbase)
             roi = body_mask(s["X_ref"])
             new = []
             for name, x in outs.items():
@@ -176,7 +179,8 @@ def run(a: argparse.Namespace) -> dict:
             rows += new
             if first is None:
                 first = {k: v[:1].cpu() for k, v in outs.items()}, s["X_ref"][:1].cpu(), s["metal_mask"][:1].cpu()
-        print(f"evaluate: {min(n, i + a.batch_size)}/{n} slices | {time.time() - t0:.1f}s", flush=True)
+        done += len(idx)
+        print(f"evaluate: {done}/{n} slices | {time.time() - t0:.1f}s", flush=True)
     writer.close()
     fail_writer.close()
     if not rows:

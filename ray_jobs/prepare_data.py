@@ -44,8 +44,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--root", help="AAPM release root, or a NIfTI file / folder of NIfTI files or DICOM series")
     ap.add_argument("--out", default="outputs/data", help="local path or any pyarrow filesystem URI")
     ap.add_argument("--geometry", default="tiny", help="a dudocrop.ct.geometry preset")
-    ap.add_argument("--anatomy", choices=["body", "head"], default="body")
+    ap.add_argument("--anatomy", choices=["body", "head", "mixed"], default="body",
+                    help="AAPM mixed: body and head cases together, each in its own FOV (paper §IV-A)")
     ap.add_argument("--layout-json", help="AAPM layout overrides (JSON file of AAPMLayout fields)")
+    ap.add_argument("--patient-regex", help="AAPM: regex whose group 1 is the patient id of a case id (overrides "
+                                            "the layout's; r'^(.*)$': every case its own patient)")
+    ap.add_argument("--test-split", help="AAPM: the test cases, a file of case ids (one per line) or a folder in "
+                                         "the release's layout; the rest is split into train / val by patient")
     ap.add_argument("--n-patients", type=int, default=8, help="synthetic: number of phantom patients")
     ap.add_argument("--slices-per-patient", type=int, default=2, help="synthetic: slices per patient")
     ap.add_argument("--simulation", default="aapm_like", help="synthetic: simulator settings preset")
@@ -57,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                     "else start a local one)")
     ap.add_argument("--cpus-per-shard", type=float, default=1.0)
     ap.add_argument("--skip-bad", action="store_true", help="clinical: skip unreadable or unusable inputs and "
-                    "slices (NaN voxels, not CT, truncated, metal in air, ...), name them and write skipped.json, "
+                    "slices (NaN voxels, not CT, truncated, metal covering the body, ...), name them in skipped.json "
                     "instead of stopping at the first")
     ap.add_argument("--dicom-rescale", type=float, nargs=2, metavar=("SLOPE", "INTERCEPT"), default=None,
                     help="clinical DICOM: the rescale to HU for slices without RescaleSlope / RescaleIntercept "
@@ -70,9 +75,12 @@ def options_from_args(a: argparse.Namespace) -> SourceOptions:
     if a.layout_json:
         with open(a.layout_json) as f:
             layout = json.load(f)
+    if getattr(a, "patient_regex", None) is not None:
+        layout = {**layout, "patient_regex": a.patient_regex}
+    test_split = getattr(a, "test_split", None)
     return SourceOptions(source=a.source, geometry=a.geometry, root=a.root, layout=layout, anatomy=a.anatomy,
                          n_patients=a.n_patients, slices_per_patient=a.slices_per_patient, seed=a.seed,
-                         simulation=a.simulation,
+                         simulation=a.simulation, test_split=test_split or None,
                          dicom_rescale=tuple(a.dicom_rescale) if getattr(a, "dicom_rescale", None) else None)
 
 

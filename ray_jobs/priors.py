@@ -33,7 +33,7 @@ from dudocrop.pipeline.model import (
     MODEL_FILES,
     DuDoCROP,
     check_model_folder,
-    osro_region,
+    geometry_batches,
     pipeline_config_with,
     save_pipeline_meta,
 )
@@ -79,24 +79,27 @@ def shard_priors(data: str, models: str, shard: str, steps: int | None, batch_si
     """Compute and write the priors sidecar of one shard; returns its row count."""
     fs, base = resolve(data)
     t = pq.read_table(f"{base}/{shard}", filesystem=fs,
-                      columns=["case_id", "checksum", "X_ma", "Y_ma", "metal_mask", "metal_trace"])
+                      columns=["case_id", "checksum", "geometry", "X_ma", "Y_ma", "metal_mask", "metal_trace"])
     model = DuDoCROP.load(models, device=device, steps=steps)
     g = model.geometry
     cols = {k: t[k].combine_chunks().to_numpy_ndarray() for k in ("X_ma", "Y_ma", "metal_mask", "metal_trace")}
-    xp, xpp = [], []
+    xp = np.zeros((t.num_rows, *g.image_shape), np.float32)
+    xpp = np.zeros_like(xp)
     cfg = replace(model.config.osro, residual_refine=False)  # Eq. 10-12 as pipeline.json says
-    for i in range(0, t.num_rows, batch_size):
-        b = {k: torch.from_numpy(np.ascontiguousarray(v[i:i + batch_size]))[:, None] for k, v in cols.items()}
-        x, y, mask, trace = model.prepare(b["X_ma"], b["Y_ma"], b["metal_mask"], b["metal_trace"])
-        x_prior, y_prior = model.priors(x, y, mask, trace)
-        region = osro_region(x, mask, g, model.config.metal_region_dilation)
-        res = osro(x_prior, y_prior, model.norm.sino(y), trace, model.fbp_unit, None, region, cfg)
-        xp.append(model.norm.image_to_hu(res.X_p)[:, 0].cpu().numpy())
-        xpp.append(model.norm.image_to_hu(res.X_p_prime)[:, 0].cpu().numpy())
+    # each slice in its own geometry (AAPM head slices among body slices: DuDoCROP.at)
+    for geom, idx in geometry_batches(t["geometry"].to_pylist(), t.num_rows, batch_size):
+        m = model.at(geom)
+        b = {k: torch.from_numpy(np.ascontiguousarray(v[idx]))[:, None] for k, v in cols.items()}
+        x, y, mask, trace = m.prepare(b["X_ma"], b["Y_ma"], b["metal_mask"], b["metal_trace"])
+        x_prior, y_prior = m.priors(x, y, mask, trace)
+        region = m.region(x, mask)
+        res = osro(x_prior, y_prior, m.norm.sino(y), trace, m.fbp_unit, None, region, cfg)
+        xp[idx] = m.norm.image_to_hu(res.X_p)[:, 0].cpu().numpy()
+        xpp[idx] = m.norm.image_to_hu(res.X_p_prime)[:, 0].cpu().numpy()
     typ = pa.fixed_shape_tensor(pa.float32(), list(g.image_shape))
     side = pa.table({"case_id": t["case_id"], "checksum": t["checksum"],
-                     "X_p": tensor_column(list(np.concatenate(xp)), typ),
-                     "X_p_prime": tensor_column(list(np.concatenate(xpp)), typ)}
+                     "X_p": tensor_column(list(xp), typ),
+                     "X_p_prime": tensor_column(list(xpp), typ)}
                     ).replace_schema_metadata({META_KEY: made_by.encode()})
     write_sidecar(data, KIND, shard, side)
     return t.num_rows

@@ -80,36 +80,50 @@ def resolve_preset(a: argparse.Namespace) -> RunPreset:
 
 
 def stage_argv(p: RunPreset, out: str, root: str | None) -> dict[str, list[str]]:
-    """The exact argument list each stage job gets (its fingerprint decides whether it must run again)."""
+    """The exact argument list each stage job gets (its fingerprint decides whether it must run again). With
+    ``p.gpu`` every stage that runs a model gets the GPU: the trainers, the caption VLM, embed, priors, fusion and
+    evaluate. A preset that still lacks a user-given field (``RunPreset.missing``) raises ValueError naming it."""
+    need = p.missing()
+    if need:
+        raise ValueError(f"preset {p.name!r} needs " + "; ".join(need) + " (--set FIELD=VALUE)")
     data, models = f"{out}/data", f"{out}/models"
+    gpu = ["--gpu"] if p.gpu else []
     res = ["--workers", str(p.workers), "--cpus-per-worker", str(p.cpus_per_worker),
-           "--max-failures", str(p.max_failures)] + (["--gpu"] if p.gpu else [])
+           "--max-failures", str(p.max_failures), *gpu]
     sets = lambda items: [x for s in items for x in ("--set", s)]  # noqa: E731
     prep = ["--source", p.source, "--geometry", p.geometry, "--out", data, "--n-patients", str(p.n_patients),
             "--slices-per-patient", str(p.slices_per_patient), "--shard-slices", str(p.shard_slices),
             "--simulation", p.simulation]
     if root:
         prep += ["--root", root]
+    if p.source == "aapm":
+        prep += ["--anatomy", p.anatomy]
+        prep += ["--patient-regex", p.patient_regex] if p.patient_regex is not None else []
+        prep += ["--test-split", p.test_split] if p.test_split else []
+    caption = ["--data", data, "--engine", p.caption_engine]
+    if p.caption_engine != "template":
+        caption += ["--model", p.caption_model] + (["--gpus-per-actor", "1"] if p.gpu else [])
+        caption += ["--device", "cuda"] if p.gpu and p.caption_engine == "transformers" else []
     sde = ["--data", data, "--out", models, "--preset", p.sde_preset, *res]
     plain = ["--data", data, "--out", f"{out}/models_plain", "--preset", p.sde_preset, "--no-embeddings", *res]
     argv = {
         "prepare": prep,
-        "caption": ["--data", data, "--engine", p.caption_engine],
+        "caption": caption,
         "clip": ["--data", data, "--out", models, "--preset", p.clip_preset, "--storage", f"{models}/ray_train",
                  *res, *sets(p.clip_set)],
-        "embed": ["--data", data, "--model", f"{models}/dudoclip.pt"],
+        "embed": ["--data", data, "--model", f"{models}/dudoclip.pt", *gpu],
         "sde_image": [*sde, "--domain", "image", *sets(p.image_set)],
         "sde_sinogram": [*sde, "--domain", "sinogram", *sets(p.sinogram_set)],
-        "priors": ["--data", data, "--models", models, "--split", "train,val", *sets(p.pipeline_set)]
+        "priors": ["--data", data, "--models", models, "--split", "train,val", *sets(p.pipeline_set), *gpu]
                   + ([] if p.eval_steps is None else ["--steps", str(p.eval_steps)]),
         "sde_residual": [*sde, "--domain", "residual", *sets(p.residual_set)],
         "sde_image_plain": [*plain, "--domain", "image", *sets(p.image_set)],
         "sde_sinogram_plain": [*plain, "--domain", "sinogram", *sets(p.sinogram_set)],
         "fusion": ["--data", data, "--models", models, "--out", f"{out}/fusion", "--split", p.fusion_split,
-                   "--max-slices", str(p.eval_slices), "--points", str(p.fusion_points)]
+                   "--max-slices", str(p.eval_slices), "--points", str(p.fusion_points), *gpu]
                   + ([] if p.eval_steps is None else ["--steps", str(p.eval_steps)]),
         "evaluate": ["--data", data, "--models", models, "--out", f"{out}/report", "--split", p.eval_split,
-                     "--max-slices", str(p.eval_slices)]
+                     "--max-slices", str(p.eval_slices), "--sweeps", p.sweeps, *gpu]
                     + ([] if p.eval_steps is None else ["--steps", str(p.eval_steps)])
                     + (["--baseline-models", f"{out}/models_plain"] if p.guidance_ablation else []),
     }
@@ -293,9 +307,12 @@ def _run(a: argparse.Namespace) -> dict:
     if bad:
         raise SystemExit(f"train_all: unknown stages {bad}; known: {', '.join(STAGES)}")
     force = {s for s in a.force.split(",") if s}
+    try:
+        argvs = stage_argv(p, out, a.root)
+    except ValueError as e:
+        raise SystemExit(f"train_all: {e}") from e
     common.init_ray(a.address)
     tracking = Tracking(out, p)
-    argvs = stage_argv(p, out, a.root)
     t_all = time.time()
     summary: dict[str, dict] = {}
     print(f"train_all: preset {p.name} -> {out} (MLflow {common.redact_uri(tracking.uri)}, parent run "

@@ -30,7 +30,7 @@ from dudocrop.pipeline.osro import OSROConfig
 from dudocrop.train.rows import load_split
 from tune_spaces.fusion import FACTORS, fusion_space
 
-COLUMNS = ["case_id", "X_ma", "X_ref", "Y_ma", "metal_mask", "metal_trace"]
+COLUMNS = ["case_id", "X_ma", "X_ref", "Y_ma", "metal_mask", "metal_trace", "geometry"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,12 +60,12 @@ def build_cache(a: argparse.Namespace, model: DuDoCROP) -> FusionCache:
                          f"one you report)") from e
     n = min(a.max_slices, len(rows))
     b = rows.take(np.arange(n))
-    t = {k: torch.from_numpy(np.ascontiguousarray(b[k]))[:, None] for k in COLUMNS[1:]}
+    t = {k: torch.from_numpy(np.ascontiguousarray(b[k]))[:, None] for k in COLUMNS[1:-1]}
     t0 = time.time()
     return FusionCache.build(
         model, t["X_ma"], t["Y_ma"], t["metal_mask"], t["metal_trace"] > 0, t["X_ref"], b["case_id"],
-        a.batch_size, progress=lambda i, m: print(f"tune_fusion: priors {i}/{m} slices | {time.time() - t0:.1f}s",
-                                                  flush=True))
+        a.batch_size, geometries=b["geometry"],
+        progress=lambda i, m: print(f"tune_fusion: priors {i}/{m} slices | {time.time() - t0:.1f}s", flush=True))
 
 
 def _trial(config: dict, cache: FusionCache, base: OSROConfig) -> None:

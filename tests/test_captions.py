@@ -407,7 +407,11 @@ def test_scorer_template_qualifier_matters_for_patient_side(records):
              for flag in (True, False))
     gt = ground_truth(r, "X_r")
     assert "right" in q and "left" in nq  # without the convention the image's left is called left
-    assert score_caption(q, gt).ratio is None or score_caption(q, gt).ratio > score_caption(nq, gt).ratio
+    sq, snq = score_caption(q, gt), score_caption(nq, gt)
+    # the side words are scored in both captions: the qualified one's right side is true, the other's left false
+    assert ("right", 1) in {(w, s) for w, s, _ in sq.words} and ("left", -1) in {(w, s) for w, s, _ in snq.words}
+    # P/N is None (infinite) without a negative word; the share of true words is defined for both and must rise
+    assert sq.negative < snq.negative and sq.precision > snq.precision
 
 
 def test_world_grid_orientation():

@@ -265,3 +265,76 @@ def test_training_batches_normalise_and_refuse_missing_references():
         next(iter(TrainingBatches([bad], "image", Normalization.for_geometry(TINY))))
     with pytest.raises(ValueError, match="domain"):
         TrainingBatches([batch], "residual", Normalization.for_geometry(TINY))
+
+
+# ---- AAPM: patients, named test sets, body and head together (issue 19 §3) ----------------------------------------
+AAPM_BODY, AAPM_HEAD = get_geometry("aapm_body"), get_geometry("aapm_head")
+
+
+def _aapm_opts(root, **kw):
+    return SourceOptions(source="aapm", geometry="aapm_body", root=str(root), **kw)
+
+
+def test_aapm_refuses_to_split_without_a_patient_grouping(tmp_path):
+    make_fake_aapm(tmp_path, [("p1_a", "body"), ("p1_b", "body")])
+    with pytest.raises(ValueError, match="patient_regex"):
+        list_case_refs(_aapm_opts(tmp_path))
+    with pytest.raises(ValueError, match="does not match patient_regex"):
+        list_case_refs(_aapm_opts(tmp_path, layout={"patient_regex": r"^(q\d+)_"}))
+    refs = list_case_refs(_aapm_opts(tmp_path, layout={"patient_regex": r"^(p\d+)_"}))
+    assert {r.patient_id for r in refs} == {"p1"}
+
+
+def test_aapm_named_test_cases_form_the_test_split_and_their_patients_leave_train(tmp_path):
+    cases = [(f"p{p}_{s}", "body") for p in range(6) for s in range(2)]
+    make_fake_aapm(tmp_path / "release", cases)
+    split = tmp_path / "test.txt"
+    split.write_text("# the cases we report on\np0_0\np3_1\n")
+    opts = _aapm_opts(tmp_path / "release", layout={"patient_regex": r"^(p\d+)_"}, test_split=str(split))
+    specs = plan_shards(list_case_refs(opts), 4)
+    by_split = {k: sorted(r.case_id for s in specs if s.split == k for r in s.refs) for k in ("train", "val", "test")}
+    assert by_split["test"] == ["p0_0", "p3_1"]
+    # the other slices of patients p0 and p3 are in neither train nor val; every other case is
+    kept = by_split["train"] + by_split["val"]
+    assert not any(c.startswith(("p0_", "p3_")) for c in kept)
+    assert sorted(kept) == sorted(c for c, _ in cases if not c.startswith(("p0_", "p3_")))
+    split.write_text("p0_0\nnot_a_case\n")
+    with pytest.raises(ValueError, match=r"test\.txt.*not_a_case"):
+        list_case_refs(opts)
+
+
+def test_aapm_mixed_anatomy_reads_each_case_in_its_own_field_of_view(tmp_path):
+    """Body and head cases in one run (paper §IV-A): the head slice is stored with the challenge's 220.16 mm FOV
+    and its metal trace is projected in it, the body slice with 400 mm (the challenge's documented FOVs); a test
+    set given as a folder of the release's layout is read from that folder."""
+    import torch
+
+    from dudocrop.ct.operators import FanBeamOperator
+    from dudocrop.ct.trace import metal_trace
+    make_fake_aapm(tmp_path / "train", [("b1", "body"), ("h1", "head")], g=AAPM_BODY)
+    make_fake_aapm(tmp_path / "official_test", [("t_head", "head")], g=AAPM_BODY)
+    opts = _aapm_opts(tmp_path / "train", anatomy="mixed", test_split=str(tmp_path / "official_test"))
+    refs = list_case_refs(opts)
+    assert sorted((r.case_id, r.anatomy, r.split) for r in refs) == [("b1", "body", ""), ("h1", "head", ""),
+                                                                    ("t_head", "head", "test")]
+    assert sorted(r.case_id for r in list_case_refs(replace_opts(opts, anatomy="body"))) == ["b1"]
+    spec = plan_shards(refs, 8)
+    recs = {}
+    for s in spec:
+        info = build_shard(s, opts, str(tmp_path / "shards"))
+        for r in iter_records(pq.read_table(tmp_path / "shards" / info.name)):
+            recs[r["case_id"]] = r
+    assert {k: (r["geometry"], round(float(r["pixel_spacing_mm"]) * 512, 2)) for k, r in recs.items()} == {
+        "b1": ("aapm_body", 400.0), "h1": ("aapm_head", 220.16), "t_head": ("aapm_head", 220.16)}
+    mask = torch.from_numpy(np.array(recs["h1"]["metal_mask"], np.float32))[None, None]
+    own = metal_trace(mask, FanBeamOperator(AAPM_HEAD), 0)[0, 0].numpy()
+    body = metal_trace(mask, FanBeamOperator(AAPM_BODY), 0)[0, 0].numpy()
+    assert np.array_equal(recs["h1"]["metal_trace"] > 0, own) and not np.array_equal(own, body)
+    truth = np.fromfile(tmp_path / "official_test" / "Baseline" / "t_head_img.raw", "<f4").reshape(512, 512)
+    assert np.array_equal(recs["t_head"]["X_ma"], truth)
+
+
+def replace_opts(opts, **kw):
+    from dataclasses import replace
+
+    return replace(opts, **kw)

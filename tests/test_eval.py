@@ -208,6 +208,12 @@ def test_make_sweeps_is_reproducible():
     assert len(a[0]) == len(a[1]) == 1 and a[0][0].case_id == "sweep-5-0"
     assert torch.equal(a[0][0].stack("X_ma"), b[0][0].stack("X_ma"))
     assert torch.equal(a[1][0].stack("X_ma"), b[1][0].stack("X_ma"))
+    # LP's local region is the sweep preset's (SweepConfig.local_region), not a fixed one
+    tiny_region = SweepConfig(n_slices=1, n_objects=2, diameters_mm=(12.0, 20.0), local_region="tiny")
+    sw = make_sweeps(op, tiny_region, seed=5)[0][0]
+    assert sw.local_region == "tiny"
+    own = sweep_lp(sw, sw.stack("X_ma"), mad100)
+    assert own == sweep_lp(sw, sw.stack("X_ma"), mad100, "tiny") != sweep_lp(sw, sw.stack("X_ma"), mad100, "paper")
     with pytest.raises(ValueError, match="n_objects"):
         SweepConfig(n_objects=1)
     with pytest.raises(ValueError, match="increasing"):
@@ -271,6 +277,19 @@ def test_score_rows_use_the_metric_conventions(tiny_sweeps):
     lp = score_rows("uncorrected", "tiny", [0, 1, 2], x, ref, metal, 1.0, lpips=lambda a, b, m: mad100(a, b))
     assert [r["lpips"] for r in lp] == pytest.approx(mad100(x, ref).tolist())
     assert summarize(rows)[0].n == 3
+    # LPIPS scores the pixels PSNR / SSIM score: an error outside the roi (and in the metal) counts in neither
+
+    def masked_mad(a, b, m):
+        return mad100(torch.where(m.bool(), b, a), b)
+
+    roi = torch.zeros_like(ref, dtype=torch.bool)
+    roi[..., 16:48, 16:48] = True
+    off_roi = torch.where(roi, ref, ref + 300.0)
+    scored = score_rows("m", "d", [0, 1, 2], off_roi, ref, metal, lpips=masked_mad, roi=roi)
+    assert all(r["lpips"] == 0.0 and math.isinf(r["psnr"]) for r in scored)
+    in_roi = torch.where(roi, ref + 300.0, ref)
+    assert all(r["lpips"] > 0 for r in score_rows("m", "d", [0, 1, 2], in_roi, ref, metal, lpips=masked_mad,
+                                                  roi=roi))
     with pytest.raises(ValueError, match="case_ids"):
         score_rows("m", "d", ["a"], x, ref)
 

@@ -400,3 +400,33 @@ def test_bad_inputs_raise_clear_errors(data):
         load_sde_model("/nonexistent/sde_image.pt")
     with pytest.raises(ValueError, match="domain must be one of"):
         save_sde_model("/tmp/never.pt", unet, EMA(unet), {})
+
+
+def test_nmar_mu_uses_each_rows_own_geometry():
+    """AAPM body and head slices in one split (paper §IV-A): the NMAR μ of a head row is computed with the head
+    geometry's operator (220.16 mm FOV), not the run's body one, even inside one batch."""
+    from dudocrop.classic.nmar import nmar
+    from dudocrop.ct.operators import FanBeamOperator
+    from dudocrop.ct.trace import metal_trace
+    from dudocrop.ct.units import hu_to_mu
+    from dudocrop.sde.train import IMAGE_MU_COLUMN, with_image_mu
+    from dudocrop.train.rows import SliceRows
+
+    body, head = FanBeamOperator("aapm_body"), FanBeamOperator("aapm_head")
+    yy, xx = torch.meshgrid(torch.arange(512.0), torch.arange(512.0), indexing="ij")
+    x = torch.where((yy - 256) ** 2 + (xx - 256) ** 2 < 200 ** 2, 40.0, -1000.0)
+    mask = ((yy - 250) ** 2 + (xx - 300) ** 2 < 6 ** 2).float()
+    x = torch.where(mask > 0, 3000.0, x)[None, None]
+    mask = mask[None, None]
+    cols = {"X_ma": [], "Y_ma": [], "metal_mask": [], "metal_trace": [], "geometry": ["aapm_body", "aapm_head"]}
+    want = []
+    for op in (body, head):
+        y = op.fp(hu_to_mu(x).clamp(min=0))
+        tr = metal_trace(mask, op, 0)
+        want.append(nmar(y, mask > 0.5, x, op, trace=tr)[0, 0].numpy())
+        for k, v in (("X_ma", x), ("Y_ma", y), ("metal_mask", mask), ("metal_trace", tr.float())):
+            cols[k].append(v[0, 0].numpy())
+    rows = SliceRows({k: (np.stack(v) if k != "geometry" else np.array(v)) for k, v in cols.items()}, ["s", "s"])
+    got = with_image_mu(rows, "nmar", body, batch=2).columns[IMAGE_MU_COLUMN]
+    assert np.allclose(got[0], want[0], atol=1e-3) and np.allclose(got[1], want[1], atol=1e-3)
+    assert np.abs(want[0] - want[1]).max() > 10  # the two geometries do give different images

@@ -15,7 +15,14 @@ re-distributions of the release name files differently; the default is::
     Mask/<case>_img.raw       Mask/<case>.json
 
 Cases are discovered from the Baseline images. Anatomy comes from the JSON (``anatomy``/``body_part``) or
-from the case id (``head`` in the name), geometry from the anatomy.
+from the case id (``head`` in the name), geometry from the anatomy (:func:`geometry_for_anatomy`), so body and
+head cases can be read in one run, each with its own FOV (paper §IV-A trains on both).
+
+Patients: the release's case ids carry no patient id that this project could verify against a published
+description (the challenge pages describe the sources, DeepLesion and UCLH, not the naming), so
+``AAPMLayout.patient_regex`` has no default; :func:`patient_of` then raises, and splitting refuses to run without
+either a grouping regex (``r"^(.*)$"`` states explicitly that every case is its own patient) or a named test set
+(:func:`read_test_split`: a file of case ids or a folder in the release's layout, e.g. the official test cases).
 """
 
 from __future__ import annotations
@@ -42,8 +49,8 @@ class AAPMLayout:
     baseline_sino: str = "Baseline/{case}_sino.raw"
     mask_img: str = "Mask/{case}_img.raw"
     metal_info: str = "Mask/{case}.json"
-    #: regex with one group extracting the patient id from the case id (default: the case is its own patient)
-    patient_regex: str = r"^(.*)$"
+    #: regex whose group 1 is the patient id of a case id; None: unknown (see the module docstring)
+    patient_regex: str | None = None
 
     @classmethod
     def from_json(cls, path: str) -> AAPMLayout:
@@ -54,6 +61,44 @@ class AAPMLayout:
         if unknown:
             raise ValueError(f"{path}: unknown AAPM layout keys {sorted(unknown)}; known: {sorted(known)}")
         return cls(**data)
+
+
+def patient_of(case: str, layout: AAPMLayout) -> str:
+    """The patient id of a case by ``layout.patient_regex``; ValueError when no grouping is set or it does not
+    match (a case silently made its own patient could put one patient in train and test)."""
+    if layout.patient_regex is None:
+        raise ValueError("AAPMLayout.patient_regex is not set: the AAPM case ids carry no known patient id; pass "
+                         "--patient-regex (r'^(.*)$' makes every case its own patient) or name the test cases "
+                         "with --test-split")
+    m = re.match(layout.patient_regex, case)
+    if not m or not m.groups():
+        raise ValueError(f"AAPM case {case!r} does not match patient_regex {layout.patient_regex!r} (with one "
+                         f"group: the patient id)")
+    return m.group(1)
+
+
+def read_test_split(path: str, layout: AAPMLayout = AAPMLayout()) -> tuple[str | None, list[str]]:
+    """The test cases a user names: a text file of case ids (one per line, ``#`` comments; they live in the
+    training root) -> (None, ids), or a folder in the release's layout (e.g. the official test set) -> (folder,
+    its cases). Raises naming the path when it is neither or names no case."""
+    if os.path.isdir(path):
+        return path, list_cases(path, layout)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"test split {path}: neither a file of case ids nor a folder of cases")
+    with open(path) as f:
+        ids = [ln.split("#", 1)[0].strip() for ln in f]
+    ids = [i for i in ids if i]
+    if not ids:
+        raise ValueError(f"test split {path}: names no case (one case id per line)")
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise ValueError(f"test split {path}: case ids listed twice: {dup[:5]}")
+    return None, ids
+
+
+def geometry_for_anatomy(anatomy: str) -> FanBeamGeometry:
+    """The challenge's reconstruction geometry of a case: 220.16 mm FOV for head, 400 mm otherwise (REFERENCE §3)."""
+    return get_geometry("aapm_head" if anatomy == "head" else "aapm_body")
 
 
 def read_raw(path: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -109,15 +154,14 @@ def read_case(root: str, case: str, layout: AAPMLayout = AAPMLayout(),
          for f in fields(layout) if f.name not in ("patient_regex",)}
     info = _read_info(p["metal_info"])
     anatomy = _anatomy(case, info)
-    g = get_geometry(geometry or ("aapm_head" if anatomy == "head" else "aapm_body"))
+    g = get_geometry(geometry) if geometry is not None else geometry_for_anatomy(anatomy)
     img, sino = g.image_shape, g.sino_shape
     if not os.path.exists(p["mask_img"]):
         raise FileNotFoundError(f"AAPM case {case}: metal mask missing: {p['mask_img']}")
     mask = (read_raw(p["mask_img"], img) > 0.5).astype(np.float32)
-    m = re.match(layout.patient_regex, case)
     rec = {
         "case_id": case,
-        "patient_id": m.group(1) if m else case,
+        "patient_id": patient_of(case, layout) if layout.patient_regex is not None else case,
         "slice_index": 0,
         "source": "aapm",
         "anatomy": anatomy,

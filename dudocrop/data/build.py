@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
@@ -36,6 +35,8 @@ class CaseRef:
     source: str
     anatomy: str
     locator: str = ""  # source-specific: an AAPM case id, a volume path, a synthetic seed
+    split: str = ""  # a split the user fixed (AAPM --test-split); "" = by a hash of the patient id
+    root: str = ""  # AAPM: the release folder the case lives in; "" = SourceOptions.root
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,8 @@ class SourceOptions:
     geometry: str
     root: str | None = None
     layout: dict = field(default_factory=dict)  # AAPMLayout fields
-    anatomy: str = "body"
+    anatomy: str = "body"  # body | head; AAPM also "mixed": both, each case in its own geometry (paper §IV-A)
+    test_split: str | None = None  # AAPM: the test cases, a file of case ids or a folder (aapm.read_test_split)
     n_patients: int = 8
     slices_per_patient: int = 2
     seed: int = 0
@@ -86,6 +88,12 @@ class SourceOptions:
         if self.source in ("aapm", "clinical") and not self.root:
             raise ValueError(f"source={self.source!r} needs root= (the folder to read)")
         get_geometry(self.geometry)
+        if self.anatomy not in ("body", "head", "mixed"):
+            raise ValueError(f"anatomy must be 'body', 'head' or 'mixed', got {self.anatomy!r}")
+        if self.anatomy == "mixed" and self.source != "aapm":
+            raise ValueError(f"anatomy='mixed' reads AAPM body and head cases; source={self.source!r} has one anatomy")
+        if self.test_split is not None and self.source != "aapm":
+            raise ValueError(f"test_split names AAPM cases; source={self.source!r} splits by patient hash")
 
 
 # ---- listing ---------------------------------------------------------------------------------------
@@ -96,15 +104,7 @@ def list_case_refs(opts: SourceOptions, skipped: list[dict] | None = None) -> li
     the run before any shard is built, naming the file (and slice); with a ``skipped`` list they are appended
     to it as ``{"input", "slice", "error"}`` instead, and the rest goes on (``prepare_data --skip-bad``)."""
     if opts.source == "aapm":
-        layout = aapm.AAPMLayout(**opts.layout)
-        refs = []
-        for case in aapm.list_cases(opts.root, layout):
-            anatomy = aapm.case_anatomy(opts.root, case, layout)
-            if anatomy != opts.anatomy:  # body and head have different fields of view: one run each
-                continue
-            m = re.match(layout.patient_regex, case)
-            refs.append(CaseRef(case, m.group(1) if m else case, 0, "aapm", anatomy, case))
-        return refs
+        return _aapm_refs(opts)
     if opts.source == "clinical":
         return _clinical_refs(opts, skipped)
     refs = []
@@ -113,6 +113,43 @@ def list_case_refs(opts: SourceOptions, skipped: list[dict] | None = None) -> li
         for s in range(opts.slices_per_patient):
             refs.append(CaseRef(f"{pid}/{s:03d}", pid, s, "synthetic", opts.anatomy, pid))
     return refs
+
+
+def _aapm_refs(opts: SourceOptions) -> list[CaseRef]:
+    """AAPM cases of ``opts.anatomy`` (``mixed``: body and head). Without a patient grouping (AAPMLayout
+    .patient_regex) splitting refuses to run unless the test cases are named (``opts.test_split``); then every
+    training case is grouped as its own patient, with a warning."""
+    layout = aapm.AAPMLayout(**opts.layout)
+    if layout.patient_regex is None and opts.test_split is None:
+        aapm.patient_of("", layout)  # raises: no grouping and no named test set
+    if layout.patient_regex is None:
+        print("prepare_data: WARNING: no AAPM patient grouping (patient_regex): train and val cases are split as "
+              "if each were its own patient; only the named test set is kept apart", flush=True)
+        layout_ok = aapm.AAPMLayout(**{**opts.layout, "patient_regex": r"^(.*)$"})
+    else:
+        layout_ok = layout
+
+    def refs_of(root: str, cases, split: str = "", own_root: str = "") -> list[CaseRef]:
+        out = []
+        for case in cases:
+            anatomy = aapm.case_anatomy(root, case, layout)
+            if opts.anatomy != "mixed" and anatomy != opts.anatomy:
+                continue
+            out.append(CaseRef(case, aapm.patient_of(case, layout_ok), 0, "aapm", anatomy, case, split, own_root))
+        return out
+
+    cases = aapm.list_cases(opts.root, layout)
+    if opts.test_split is None:
+        return refs_of(opts.root, cases)
+    test_root, test_ids = aapm.read_test_split(opts.test_split, layout)
+    if test_root is None:  # case ids in the training root
+        missing = sorted(set(test_ids) - set(cases))
+        if missing:
+            raise ValueError(f"test split {opts.test_split}: {len(missing)} case ids are not in {opts.root}: "
+                             f"{missing[:5]}")
+        named = set(test_ids)
+        return refs_of(opts.root, [c for c in cases if c not in named]) + refs_of(opts.root, test_ids, "test")
+    return refs_of(opts.root, cases) + refs_of(test_root, test_ids, "test", os.path.abspath(test_root))
 
 
 def _clinical_refs(opts: SourceOptions, skipped: list[dict] | None = None) -> list[CaseRef]:
@@ -179,12 +216,27 @@ def _clinical_slice(vol: np.ndarray, spacing: tuple[float, float], index: int, g
 # ---- planning --------------------------------------------------------------------------------------
 def plan_shards(refs: list[CaseRef], shard_slices: int, val_fraction: float = 0.1,
                 test_fraction: float = 0.1) -> list[ShardSpec]:
-    """Group slices into shards of at most ``shard_slices`` per split, split by patient id (deterministic)."""
+    """Group slices into shards of at most ``shard_slices`` per split, split by patient id (deterministic).
+
+    Refs with a fixed ``split`` (a test set the user named) keep it; the others are hashed into train / val only,
+    and those of a patient who has a fixed test case are left out (a patient is never in train and test)."""
     if shard_slices < 1:
         raise ValueError(f"shard_slices must be >= 1, got {shard_slices}")
+    fixed_test = {r.patient_id for r in refs if r.split == "test"}
     by_split: dict[str, list[CaseRef]] = {}
+    dropped = 0
     for r in sorted(refs, key=lambda r: (r.patient_id, r.slice_index, r.case_id)):
-        by_split.setdefault(assign_split(r.patient_id, val_fraction, test_fraction), []).append(r)
+        if r.split:
+            split = r.split
+        elif r.patient_id in fixed_test:
+            dropped += 1
+            continue
+        else:
+            split = assign_split(r.patient_id, val_fraction, 0.0 if fixed_test else test_fraction)
+        by_split.setdefault(split, []).append(r)
+    if dropped:
+        print(f"plan_shards: {dropped} slices left out of train/val: their patients have cases in the test set",
+              flush=True)
     specs = []
     for split in sorted(by_split):
         rs = by_split[split]
@@ -202,11 +254,18 @@ def build_record(ref: CaseRef, opts: SourceOptions, op: FanBeamOperator) -> dict
     """One slice record (schema columns except split/checksum) for a case reference."""
     g = op.geometry
     if ref.source == "aapm":
-        rec = aapm.read_case(opts.root, ref.locator, aapm.AAPMLayout(**opts.layout), geometry=g)
-        implied = "aapm_head" if rec["anatomy"] == "head" else "aapm_body"
+        layout = aapm.AAPMLayout(**opts.layout)
+        root = ref.root or opts.root
+        if opts.anatomy == "mixed":  # each case in its own FOV (the caller passes that case's operator)
+            g = aapm.geometry_for_anatomy(ref.anatomy)
+            if op.geometry != g:
+                raise ValueError(f"AAPM case {ref.case_id} is {ref.anatomy} ({g.name}), but the operator given is "
+                                 f"{op.geometry.name!r}")
+        rec = aapm.read_case(root, ref.locator, layout, geometry=g)
+        implied = aapm.geometry_for_anatomy(rec["anatomy"]).name
         if g.name in ("aapm_body", "aapm_head") and g.name != implied:
             raise ValueError(f"AAPM case {ref.case_id} is {rec['anatomy']} ({implied}), but this run writes "
-                             f"geometry {g.name!r}: prepare body and head cases separately")
+                             f"geometry {g.name!r}: prepare body and head cases separately or with anatomy='mixed'")
     elif ref.source == "clinical":
         vol, spacing = _read_volume(ref.locator, opts.dicom_rescale)
         x_ma, mask = _clinical_slice(vol, spacing, ref.slice_index, g, opts.metal_threshold_hu)
@@ -230,12 +289,17 @@ def _simulate_record(ref: CaseRef, opts: SourceOptions, op: FanBeamOperator) -> 
 
 
 def build_shard(spec: ShardSpec, opts: SourceOptions, out_dir: str, backend: str = "auto") -> ShardInfo:
-    """Build every slice of a shard and write it atomically."""
+    """Build every slice of a shard and write it atomically. With ``anatomy='mixed'`` each AAPM case is read and
+    its metal trace projected in its own geometry (body 400 mm, head 220.16 mm FOV; same array shapes), recorded in
+    its ``geometry`` column."""
     g: FanBeamGeometry = get_geometry(opts.geometry)
-    op = FanBeamOperator(g, backend)
+    ops = {g.name: FanBeamOperator(g, backend)}
     recs = []
     for ref in spec.refs:
-        rec = build_record(ref, opts, op)
+        own = aapm.geometry_for_anatomy(ref.anatomy) if opts.anatomy == "mixed" else g
+        if own.name not in ops:
+            ops[own.name] = FanBeamOperator(own, backend)
+        rec = build_record(ref, opts, ops[own.name])
         rec["split"] = spec.split
         recs.append(rec)
     return write_shard(records_to_table(recs, g), out_dir, spec.name, spec.split)

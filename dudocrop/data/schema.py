@@ -113,9 +113,14 @@ def validate_record(record: Mapping, geometry: FanBeamGeometry | str) -> dict:
     for key, allowed in (("source", SOURCES), ("anatomy", ANATOMIES), ("split", SPLITS)):
         if out[key] not in allowed:
             raise ValueError(f"record {cid}: field {key!r} must be one of {allowed}, got {out[key]!r}")
-    out["geometry"] = g.name
+    # a row may carry another geometry of the same array shapes (AAPM head slices, 220.16 mm FOV, next to body
+    # slices, 400 mm): its own FOV is what every FBP / FP of that slice must use
+    own = get_geometry(out.get("geometry") or g.name)
+    if (own.image_shape, own.sino_shape) != (g.image_shape, g.sino_shape):
+        raise ValueError(f"record {cid}: geometry {own.name!r} has other array shapes than the table's {g.name!r}")
+    out["geometry"] = own.name
     out.setdefault("slice_index", 0)
-    out.setdefault("pixel_spacing_mm", g.pixel_size)
+    out.setdefault("pixel_spacing_mm", own.pixel_size)
     if (out.get("X_ref") is None) != (out.get("Y_ref") is None):
         raise ValueError(f"record {cid}: X_ref and Y_ref must both be given or both be None")
     out["has_reference"] = out.get("X_ref") is not None
@@ -146,7 +151,7 @@ def validate_record(record: Mapping, geometry: FanBeamGeometry | str) -> dict:
 
 
 def _check_region(rec: dict, g: FanBeamGeometry, cid: str) -> None:
-    """A slice OSRO cannot restore (metal in air, a mask covering the body) is refused when it is written, not
+    """A slice OSRO cannot restore (a mask covering the body) is refused when it is written, not
     after the priors have been sampled for it (``dudocrop.pipeline.osro.region_problems``, Eq. 11)."""
     import torch
 

@@ -28,7 +28,7 @@ class FusionCache:
     X_p: torch.Tensor
     X_p_prime: torch.Tensor
     X_r_hat: torch.Tensor | None
-    region: torch.Tensor  # the Eq. 11 min / max region (osro_region)
+    region: torch.Tensor  # the Eq. 11 min / max region (DuDoCROP.region)
     x_ma_hu: torch.Tensor
     metal_mask: torch.Tensor
     x_ref_hu: torch.Tensor
@@ -39,24 +39,30 @@ class FusionCache:
     @classmethod
     @torch.no_grad()
     def build(cls, model, x_ma_hu, y_ma, metal_mask, trace, x_ref_hu, case_ids, batch_size: int = 8,
-              progress=None) -> FusionCache:
-        """Sample the priors of a :class:`~dudocrop.pipeline.model.DuDoCROP` ``model`` on (N, 1, ...) tensors."""
-        from dudocrop.pipeline.model import osro_region
+              progress=None, geometries=None) -> FusionCache:
+        """Sample the priors of a :class:`~dudocrop.pipeline.model.DuDoCROP` ``model`` on (N, 1, ...) tensors;
+        ``geometries`` (one name per slice, None: the model's) puts each slice in its own geometry
+        (``DuDoCROP.at``)."""
+        from dudocrop.pipeline.model import geometry_batches
 
         if model.models["residual"] is None:
             raise ValueError("the model folder has no sde_residual.pt: k (Eq. 13) cannot be chosen without ε3")
-        parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("X_p", "X_p_prime", "X_r_hat", "region")}
-        n = x_ma_hu.shape[0]
-        for i in range(0, n, batch_size):
-            sl = slice(i, i + batch_size)
-            out = model(x_ma_hu[sl], y_ma[sl], metal_mask=metal_mask[sl], trace=trace[sl], return_priors=True)
-            x, _, mask, _ = model.prepare(x_ma_hu[sl], y_ma[sl], metal_mask[sl], trace[sl])
+        keys = ("X_p", "X_p_prime", "X_r_hat", "region")
+        parts: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
+        n, order, done = x_ma_hu.shape[0], [], 0
+        for geom, idx in geometry_batches(geometries, n, batch_size):
+            m, sl = model.at(geom), torch.as_tensor(idx)
+            out = m(x_ma_hu[sl], y_ma[sl], metal_mask=metal_mask[sl], trace=trace[sl], return_priors=True)
+            x, _, mask, _ = m.prepare(x_ma_hu[sl], y_ma[sl], metal_mask[sl], trace[sl])
             for k in ("X_p", "X_p_prime", "X_r_hat"):
                 parts[k].append(getattr(out.priors, k).cpu())
-            parts["region"].append(osro_region(x, mask, model.geometry, model.config.metal_region_dilation).cpu())
+            parts["region"].append(m.region(x, mask).cpu())
+            order += idx
+            done += len(idx)
             if progress is not None:
-                progress(min(n, i + batch_size), n)
-        cat = {k: torch.cat(v) for k, v in parts.items()}
+                progress(done, n)
+        back = torch.argsort(torch.as_tensor(order))  # batches grouped by geometry -> the slices' order
+        cat = {k: torch.cat(v)[back] for k, v in parts.items()}
         return cls(cat["X_p"], cat["X_p_prime"], cat["X_r_hat"], cat["region"], x_ma_hu.cpu().float(),
                    metal_mask.cpu().float(), x_ref_hu.cpu().float(), body_mask(x_ref_hu.cpu().float()), model.norm,
                    [str(c) for c in case_ids])

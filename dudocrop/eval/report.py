@@ -157,7 +157,8 @@ def score_rows(method: str, dataset: str, case_ids: Sequence, x, ref, metal_mask
                lpips: Callable | None = None, roi=None, window: tuple[float, float] = CT_RANGE_HU) -> list[dict]:
     """Per-slice rows for :func:`summarize` from a batch: ``x`` the method's (N, 1, H, W) HU output, ``ref`` the
     metal-free reference, PSNR / SSIM by ``metrics.image_metrics`` in ``window`` outside ``metal_mask`` (inside
-    ``roi``), LPIPS by ``lpips`` (e.g. ``metrics.LPIPSMetric()``; None: unavailable) with the same metal mask;
+    ``roi``), LPIPS by ``lpips`` (e.g. ``metrics.LPIPSMetric()``; None: unavailable) on the same pixels: its mask
+    argument (pixels of ``x`` that take the reference's values) is the metal plus everything outside ``roi``;
     ``seconds`` per slice, one number for all or one per slice."""
     if not (isinstance(method, str) and method and isinstance(dataset, str) and dataset):
         raise ValueError(f"method and dataset must be non-empty str, got {method!r} and {dataset!r}")
@@ -168,7 +169,11 @@ def score_rows(method: str, dataset: str, case_ids: Sequence, x, ref, metal_mask
     secs = list(seconds) if isinstance(seconds, Sequence | np.ndarray) else [seconds] * n
     if len(secs) != n:
         raise ValueError(f"seconds must be one number or one per slice ({n}), got {len(secs)}")
-    lp = None if lpips is None else torch.as_tensor(lpips(x, ref, metal_mask)).reshape(-1).tolist()
+    outside = metal_mask
+    if roi is not None:
+        out_roi = ~torch.as_tensor(roi, device=x.device).bool().expand_as(x)
+        outside = out_roi if metal_mask is None else (torch.as_tensor(metal_mask, device=x.device) > 0) | out_roi
+    lp = None if lpips is None else torch.as_tensor(lpips(x, ref, outside)).reshape(-1).tolist()
     return [{"method": method, "dataset": dataset, "case_id": str(case_ids[i]), "psnr": float(m["psnr"][i]),
              "ssim": float(m["ssim"][i]), "lpips": None if lp is None else float(lp[i]), "seconds": float(secs[i])}
             for i in range(n)]

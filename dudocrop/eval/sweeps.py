@@ -161,6 +161,8 @@ class MetalSweep:
     clean_hu: torch.Tensor
     settings: SimulationSettings
     seed: int
+    #: the Eq. 18-19 local region (LP's window around each object) that fits the sweep's grid (SweepConfig)
+    local_region: str | LocalRegion = "paper"
 
     def __len__(self) -> int:
         return len(self.members)
@@ -263,15 +265,17 @@ def make_sweeps(op, config: str | SweepConfig = "tiny", seed: int = 0) -> tuple[
         clean = random_phantom(cfg.anatomy, op.geometry, np.random.default_rng(s))
         metal = metal_config_for(cfg.anatomy, op.geometry)
         cid = f"sweep-{seed}-{j}"
-        counts.append(count_sweep_set(clean, op, cfg.n_objects, metal, cfg.settings, s, cid))
-        sizes.append(size_sweep_set(clean, op, cfg.diameters_mm, metal, cfg.settings, s, cid))
+        region = {"local_region": cfg.local_region}
+        counts.append(replace(count_sweep_set(clean, op, cfg.n_objects, metal, cfg.settings, s, cid), **region))
+        sizes.append(replace(size_sweep_set(clean, op, cfg.diameters_mm, metal, cfg.settings, s, cid), **region))
     return counts, sizes
 
 
 def sweep_lp(sweep: MetalSweep, outputs: torch.Tensor, distance: Distance,
-             region: str | LocalRegion = "paper") -> list[float]:
+             region: str | LocalRegion | None = None) -> list[float]:
     """LP of each member's restoration (Eq. 18 first line for ``count`` sweeps, Eq. 19 first line for ``size``)
-    against the sweep's reference, metal pixels excluded. ``outputs``: (K, 1, H, W) HU, one per member in order.
+    against the sweep's reference, metal pixels excluded, in the local ``region`` (None: the sweep's own,
+    ``SweepConfig.local_region``). ``outputs``: (K, 1, H, W) HU, one per member in order.
     Feed the lists of several sweeps with their :attr:`MetalSweep.steps` to ``metrics.perceptual.pi_q`` /
     ``pi_s``."""
     if not isinstance(sweep, MetalSweep):
@@ -280,6 +284,7 @@ def sweep_lp(sweep: MetalSweep, outputs: torch.Tensor, distance: Distance,
             and tuple(outputs.shape[1:]) == tuple(sweep.members[0].X_ref.shape[1:])):
         raise ValueError(f"outputs must be a ({len(sweep)}, 1, H, W) tensor (one restoration per member), got "
                          f"{getattr(outputs, 'shape', type(outputs).__name__)}")
+    region = sweep.local_region if region is None else region
     out = []
     for k, m in enumerate(sweep.members):
         x, ref, mask = outputs[k:k + 1], m.X_ref.to(outputs.device), m.metal_mask.to(outputs.device)
@@ -291,7 +296,7 @@ def sweep_lp(sweep: MetalSweep, outputs: torch.Tensor, distance: Distance,
 
 
 def sweeps_pi(sweeps: Sequence[MetalSweep], outputs: Sequence[torch.Tensor], distance: Distance,
-              region: str | LocalRegion = "paper", scale: float = LPIPS_SCALE) -> float:
+              region: str | LocalRegion | None = None, scale: float = LPIPS_SCALE) -> float:
     """PI_q (Eq. 18) of count sweeps or PI_s (Eq. 19) of size sweeps over the N_s = len(sweeps) slices;
     ``outputs[j]`` is the method's (K_j, 1, H, W) restoration of ``sweeps[j].stack("X_ma")`` (with its Y_ma)."""
     if isinstance(sweeps, MetalSweep) or not isinstance(sweeps, Sequence) or len(sweeps) == 0:

@@ -55,9 +55,7 @@ def ablation_outputs(model, x_ma_hu: torch.Tensor, y_ma: torch.Tensor, metal_mas
                      trace: torch.Tensor, x_prior: torch.Tensor, y_prior: torch.Tensor, base: OSROConfig,
                      rows: tuple[AblationRow, ...] = TABLE_V) -> dict[str, torch.Tensor]:
     """X_o in HU (metal reinserted) for every row, from cached priors of a :class:`DuDoCROP` ``model``."""
-    from dudocrop.pipeline.model import osro_region
-
-    region = osro_region(x_ma_hu, metal_mask, model.geometry, model.config.metal_region_dilation)
+    region = model.region(x_ma_hu, metal_mask)
     y_unit = model.norm.sino(y_ma)
     has_refiner = model.models["residual"] is not None
     full: dict[tuple, object] = {}  # one OSRO run (with ε3 when available) per normalisation setting

@@ -11,8 +11,10 @@ turns the result back into HU with the metal reinserted.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
@@ -28,6 +30,7 @@ from dudocrop.ct.units import hu_to_mu
 from dudocrop.data.clinical import METAL_THRESHOLD_HU
 from dudocrop.data.normalize import Normalization
 from dudocrop.pipeline.osro import (  # noqa: F401 - osro_region is imported from here by the jobs and benches
+    OSRO_REGIONS,
     OSROConfig,
     OSROResult,
     check_osro_region,
@@ -53,10 +56,18 @@ class PipelineConfig:
     ``sinogram`` are the single-domain rows of Table V (X_o is then the image prior X_p, or X'_p = FBP(Y_p)).
     ``metal_region_dilation``: pixels of metal dilation excluded from the Eq. 11 min / max region. ``precision``:
     the U-Nets' arithmetic (``fp32``, or ``bf16`` autocast as in training on CUDA; the samplers stay float32);
-    ``channels_last`` takes effect when the model is moved (``DuDoCROP.to``)."""
+    ``channels_last`` takes effect when the model is moved (``DuDoCROP.to``).
+
+    The paper's literal choices, each a switch (the ``paper`` run preset sets all three): ``sampler='sde'``, the
+    Euler-Maruyama reverse step of Eq. 5 ((dF_t)_ε of Eq. 9; ``posterior`` is the public IR-SDE code's step);
+    ``x0_clip=False``, no clipping of F̂_0 to [0, 1] in the sampler (the paper names none); ``osro_region='image'``,
+    Eq. 11's min / max over the whole image (``body``: the body inside the FOV minus the dilated metal,
+    :func:`osro_region`)."""
 
     steps: int | None = None
     sampler: Literal["posterior", "sde"] = "posterior"
+    x0_clip: bool = True
+    osro_region: Literal["body", "image"] = "body"
     tile: int | None = None
     tile_overlap: int = 32
     domains: Literal["dual", "image", "sinogram"] = "dual"
@@ -76,6 +87,12 @@ class PipelineConfig:
             raise ValueError(f"PipelineConfig.domains must be 'dual', 'image' or 'sinogram', got {self.domains!r}")
         if self.tile is not None and self.tile < 32:
             raise ValueError(f"PipelineConfig.tile must be None or >= 32 pixels, got {self.tile!r}")
+        if self.sampler not in ("posterior", "sde"):
+            raise ValueError(f"PipelineConfig.sampler must be 'posterior' or 'sde', got {self.sampler!r}")
+        if self.osro_region not in OSRO_REGIONS:
+            raise ValueError(f"PipelineConfig.osro_region must be one of {OSRO_REGIONS}, got {self.osro_region!r}")
+        if not isinstance(self.x0_clip, bool):
+            raise ValueError(f"PipelineConfig.x0_clip must be True or False, got {self.x0_clip!r}")
 
 
 @dataclass
@@ -109,6 +126,8 @@ class DuDoCROP:
         self.config = config
         self.norm = Normalization.for_geometry(self.geometry)
         self.op = FanBeamOperator(self.geometry, backend)
+        self._ops = {self.geometry.name: self.op}  # operators of other geometries (:meth:`at`), shared by views
+        self._backend = backend
         self.models = {"image": image_model, "sinogram": sinogram_model, "residual": residual_model}
         for name, m in self.models.items():
             if m is not None and getattr(m, "domain", name) != name:
@@ -148,6 +167,28 @@ class DuDoCROP:
         model.fusion = meta.get("fusion")
         return model
 
+    def at(self, geometry: FanBeamGeometry | str | None) -> DuDoCROP:
+        """This model with the CT geometry of a slice that has its own field of view but the model's array shapes
+        (an AAPM head slice, 220.16 mm, in a model trained on body and head, paper §IV-A): FP, FBP, the metal trace,
+        NMAR, the FOV of Eq. 11's region and CLIP's sinogram window follow that geometry, while the networks and the
+        [0, 1] normalisation they were trained with stay the model's. A view: nothing is copied but the attributes.
+        ``None`` or the model's own geometry returns the model itself."""
+        if geometry is None:
+            return self
+        g = get_geometry(geometry)
+        if g.name == self.geometry.name:
+            return self
+        if (g.image_shape, g.sino_shape) != (self.geometry.image_shape, self.geometry.sino_shape):
+            raise ValueError(f"geometry {g.name!r} has other array shapes than the model's {self.geometry.name!r} "
+                             f"({g.image_shape}, {g.sino_shape} vs {self.geometry.image_shape}, "
+                             f"{self.geometry.sino_shape})")
+        view = copy.copy(self)
+        view.geometry = g
+        if g.name not in self._ops:
+            self._ops[g.name] = FanBeamOperator(g, self._backend)
+        view.op = self._ops[g.name]
+        return view
+
     def to(self, device: str | torch.device) -> DuDoCROP:
         self.device = torch.device(device)
         fmt = torch.channels_last if self.config.channels_last else torch.contiguous_format
@@ -178,7 +219,12 @@ class DuDoCROP:
         tile = c.tile if c.tile is not None and max(mu.shape[-2:]) > c.tile else None
         return self.models[key].restore(mu, content, control, steps=c.steps, sampler=c.sampler, generator=g,
                                         tile=tile, overlap=c.tile_overlap, precision=c.precision,
-                                        compile=c.compile)
+                                        compile=c.compile, x0_clip=c.x0_clip)
+
+    def region(self, x_ma_hu: torch.Tensor, metal_mask: torch.Tensor) -> torch.Tensor:
+        """Eq. 11's min / max region as this config says (``osro_region``)."""
+        c = self.config
+        return osro_region(x_ma_hu, metal_mask, self.geometry, c.metal_region_dilation, c.osro_region)
 
     def fbp_unit(self, y_unit: torch.Tensor) -> torch.Tensor:
         """FBP from normalised line integrals to normalised attenuation (no clipping: FBP noise may be < 0)."""
@@ -196,7 +242,7 @@ class DuDoCROP:
 
         Without ``y_ma`` the sinogram is FP(X_ma) (Algorithm 2); without ``metal_mask`` metal is segmented by the
         HU threshold (paper §IV-A: "masks can be easily segmented by threshold"); without ``trace``,
-        M_s = FP(mask) > 0 (Eq. 1). Slices OSRO cannot use (metal in air, a mask covering the body:
+        M_s = FP(mask) > 0 (Eq. 1). Slices OSRO cannot use (a mask covering the body:
         :func:`~dudocrop.pipeline.osro.region_problems`), empty batches and half precision are refused by name."""
         g = self.geometry
         x = check_tensor(x_ma_hu, "x_ma_hu", ndim=4, shape=(None, 1, *g.image_shape), nonempty=True,
@@ -262,7 +308,7 @@ class DuDoCROP:
             y_unit = self.norm.sino(y_ma)
             x_o = self.fbp_unit(sinogram_prior(y_prior, y_unit, trace, cfg.fidelity))
         else:
-            region = osro_region(x_ma_hu, metal_mask, self.geometry, self.config.metal_region_dilation)
+            region = self.region(x_ma_hu, metal_mask)
             refine = self.refine if self.models["residual"] is not None else None
             res = osro(x_prior, y_prior, self.norm.sino(y_ma), trace, self.fbp_unit, refine, region, cfg)
             x_o = res.X_o
@@ -276,9 +322,21 @@ class DuDoCROP:
     def refuse(self, priors: OSROResult, x_ma_hu: torch.Tensor, metal_mask: torch.Tensor,
                cfg: OSROConfig) -> torch.Tensor:
         """Eq. 13-15 again from cached priors with other (k, α, β): X_o in HU (the Ray Tune fusion sweep)."""
-        region = osro_region(x_ma_hu, metal_mask, self.geometry, self.config.metal_region_dilation)
+        region = self.region(x_ma_hu, metal_mask)
         _, x_o = fuse(priors.X_p, priors.X_p_prime, priors.X_r_hat, region, cfg)
         return self.to_hu(x_o, x_ma_hu, metal_mask)
+
+
+def geometry_batches(geometries: Sequence[str] | None, n: int, batch_size: int) -> list[tuple[str | None, list[int]]]:
+    """Row indices 0..n-1 in batches of at most ``batch_size`` that share one geometry (``geometries[i]`` is row
+    i's, e.g. a shard's ``geometry`` column; None: all rows the model's), in row order within each geometry, so a
+    caller can run ``model.at(g)`` on each batch and put the results back by index."""
+    if geometries is not None and len(geometries) != n:
+        raise ValueError(f"geometries has {len(geometries)} entries for {n} rows")
+    groups: dict[str | None, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(None if geometries is None else str(geometries[i]), []).append(i)
+    return [(g, idx[k:k + batch_size]) for g, idx in groups.items() for k in range(0, len(idx), batch_size)]
 
 
 def pipeline_config_with(items, base: PipelineConfig = PipelineConfig()) -> PipelineConfig:

@@ -151,12 +151,22 @@ def fov_region(g, device=None) -> torch.Tensor:
     return (x[None, :] ** 2 + y[:, None] ** 2 <= g.fov_radius ** 2)[None, None]
 
 
-def osro_region(x_ma_hu: torch.Tensor, metal_mask: torch.Tensor, g, dilation: int = 1) -> torch.Tensor:
-    """Where Eq. 11 takes its min / max: the patient's body (inside the reconstruction circle) minus the metal
-    dilated by ``dilation`` px. Air is left out because the [0, 1] units clip it at 0 HU-equivalent attenuation in
-    the diffusion priors but not in FBP(Y_p), so air noise would set the range of X'_p and shift every tissue."""
+#: where Eq. 11 takes its min / max (PipelineConfig.osro_region): ``image``, every pixel (the paper); ``body``.
+OSRO_REGIONS = ("body", "image")
+
+
+def osro_region(x_ma_hu: torch.Tensor, metal_mask: torch.Tensor, g, dilation: int = 1,
+                mode: str = "body") -> torch.Tensor:
+    """Where Eq. 11 takes its min / max. ``mode='image'``: every pixel, as Eq. 11 is written. ``body``: the
+    patient's body (inside the reconstruction circle) minus the metal dilated by ``dilation`` px. Air is left out
+    because the [0, 1] units clip it at 0 HU-equivalent attenuation in the diffusion priors but not in FBP(Y_p), so
+    air noise would set the range of X'_p and shift every tissue."""
     from dudocrop.metrics.image import body_mask
 
+    if mode not in OSRO_REGIONS:
+        raise ValueError(f"osro_region mode must be one of {OSRO_REGIONS}, got {mode!r}")
+    if mode == "image":
+        return torch.ones_like(metal_mask, dtype=torch.bool)
     m = metal_mask.float()
     if dilation:
         m = F.max_pool2d(m, 2 * dilation + 1, stride=1, padding=dilation)
@@ -167,9 +177,9 @@ def osro_region(x_ma_hu: torch.Tensor, metal_mask: torch.Tensor, g, dilation: in
 def region_problems(x_ma_hu: torch.Tensor, metal_mask: torch.Tensor, g, dilation: int = 1) -> list[str | None]:
     """Per slice of (N, 1, H, W) HU and mask: why OSRO cannot run on it (None: it can), found before any sampling.
 
-    Refused: metal outside the patient's body (metal in air is not an implant, and it can become the "body" that
-    :func:`osro_region` keeps), and a mask that leaves fewer than :data:`MIN_REGION_PIXELS` pixels of body for
-    Eq. 11 (a mask covering the body, or no body at all)."""
+    Refused: a mask that leaves fewer than :data:`MIN_REGION_PIXELS` pixels of body for Eq. 11 (a mask covering
+    the body, or no body at all). Metal outside the body (an ECG lead, an external fixator) is kept: NMAR's guarded
+    normalisation handles it and Eq. 11's region is the body either way."""
     from dudocrop.metrics.image import body_mask
 
     metal = metal_mask > 0
@@ -177,12 +187,8 @@ def region_problems(x_ma_hu: torch.Tensor, metal_mask: torch.Tensor, g, dilation
     region = osro_region(x_ma_hu, metal_mask, g, dilation)
     out = []
     for i in range(x_ma_hu.shape[0]):
-        outside = int((metal[i] & ~body[i]).sum())
         n = int(region[i].sum())
-        if outside:
-            out.append(f"{outside} of {int(metal[i].sum())} metal pixels lie outside the patient's body (metal in "
-                       "air): the metal mask must mark implants inside the body")
-        elif n < MIN_REGION_PIXELS:
+        if n < MIN_REGION_PIXELS:
             out.append(f"the OSRO region (Eq. 11: body inside the field of view, minus the metal dilated by "
                        f"{dilation} px) holds {n} pixels, fewer than {MIN_REGION_PIXELS}: the metal mask covers "
                        f"the body ({int(metal[i].sum())} metal of {int(body[i].sum())} body pixels)")

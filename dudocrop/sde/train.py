@@ -52,6 +52,19 @@ PAPER_BATCH = 16
 PAPER_LR = 2e-4
 PAPER_BETAS = (0.9, 0.99)
 PAPER_STEPS = 70_000
+#: §IV-B: "We train our model with 400 and 600 epochs on image and sinogram domains ... the residual-domain IR-SDE is
+#: set to the same parameters as the image-domain IR-SDE and is trained for about 200 epochs". The 70,000 iterations
+#: are the image domain's (70,000 x 16 / 3,003 slices ≈ 373 epochs ≈ 400); the other domains keep that ratio of
+#: iterations to epochs (:func:`paper_steps`).
+PAPER_EPOCHS = {"image": 400, "sinogram": 600, "residual": 200}
+
+
+def paper_steps(domain: str) -> int:
+    """Iterations of a domain's IR-SDE in the paper: PAPER_STEPS scaled by its epochs over the image domain's."""
+    if domain not in PAPER_EPOCHS:
+        raise ValueError(f"domain must be one of {sorted(PAPER_EPOCHS)}, got {domain!r}")
+    return PAPER_STEPS * PAPER_EPOCHS[domain] // PAPER_EPOCHS["image"]
+
 #: REFERENCE §1: the public code's cosine annealing ends at 1e-6 (the paper says only "Cosine Annealing").
 REFERENCE_FINAL_LR = 1e-6
 #: REFERENCE §1: EMA of the weights with β ≈ 0.995 (not in the paper).
@@ -81,6 +94,7 @@ SINOGRAM_MU_COLUMN = "Y_mu"
 #:   standardised inputs, loss on the body outside the metal, bench/prior_ceiling.py) ended 0.53 dB above NMAR,
 #:   and small's image IR-SDE trained so (with ``loss_form='x0'``, 64² sampling windows) 1.08 dB above it on the
 #:   12 test slices, 5 sampler steps. Computed once per slice (:func:`with_image_mu`).
+#:   (The X_ma comparison was on test slices, not re-decided on val yet: README, "Which split decided what".)
 IMAGE_MU: tuple[str, ...] = ("ma", "nmar")
 #: the precomputed μ of the image domain in HU (:func:`with_image_mu`)
 IMAGE_MU_COLUMN = "X_mu"
@@ -269,10 +283,13 @@ def domain_columns(domain: str, use_embeddings: bool, sino_mu: str = "ma", image
     sinogram domain reads Y_ma / Y_ref / metal_trace (the LI comparison), and X_ma / metal_mask when its μ is
     ``nmar``."""
     _check_domain(domain)
+    # an NMAR μ is computed in each slice's own geometry (AAPM body and head slices in one run): + "geometry"
     if domain == "image":
-        cols, side = ["X_ma", "X_ref", "metal_mask"] + (["Y_ma", "metal_trace"] if image_mu == "nmar" else []), {}
+        cols = ["X_ma", "X_ref", "metal_mask"] + (["Y_ma", "metal_trace", "geometry"] if image_mu == "nmar" else [])
+        side = {}
     elif domain == "sinogram":
-        cols, side = ["Y_ma", "Y_ref", "metal_trace"] + (["X_ma", "metal_mask"] if sino_mu == "nmar" else []), {}
+        cols = ["Y_ma", "Y_ref", "metal_trace"] + (["X_ma", "metal_mask", "geometry"] if sino_mu == "nmar" else [])
+        side = {}
     else:
         cols, side = ["X_ref", "metal_mask"], {"priors": ["X_p", "X_p_prime"]}
     if use_embeddings:
@@ -326,10 +343,9 @@ def with_sinogram_mu(rows: SliceRows, source: str, op, batch: int = 16) -> Slice
     returned unchanged (μ is cheap to compute per batch). ``op``: the CT operator or geometry of the data."""
     if source in ("ma", "li"):
         return rows
-    op = _operator(op)  # built once for all batches
-    return _with_column(rows, SINOGRAM_MU_COLUMN, batch, lambda c, sl: sinogram_mu(
+    return _with_column(rows, SINOGRAM_MU_COLUMN, batch, lambda c, sl, op: sinogram_mu(
         _column(c, "Y_ma")[sl], _column(c, "metal_trace")[sl], source, x_ma=_column(c, "X_ma")[sl],
-        metal_mask=_column(c, "metal_mask")[sl], op=op))
+        metal_mask=_column(c, "metal_mask")[sl], op=op), _operator(op))
 
 
 def image_mu(x_ma, y_ma, metal_mask, trace, source: str, op):
@@ -352,10 +368,9 @@ def with_image_mu(rows: SliceRows, source: str, op, batch: int = 16) -> SliceRow
     slice; ``ma`` rows are returned unchanged."""
     if source == "ma":
         return rows
-    op = _operator(op)
-    return _with_column(rows, IMAGE_MU_COLUMN, batch, lambda c, sl: image_mu(
+    return _with_column(rows, IMAGE_MU_COLUMN, batch, lambda c, sl, op: image_mu(
         _column(c, "X_ma")[sl], _column(c, "Y_ma")[sl], _column(c, "metal_mask")[sl], _column(c, "metal_trace")[sl],
-        source, op))
+        source, op), _operator(op))
 
 
 def _operator(op):
@@ -364,12 +379,27 @@ def _operator(op):
     return op if isinstance(op, FanBeamOperator) else FanBeamOperator(op)
 
 
-def _with_column(rows: SliceRows, name: str, batch: int, compute) -> SliceRows:
-    """``rows`` plus column ``name``: ``compute(columns, slice)`` over batches of rows, concatenated."""
+def _with_column(rows: SliceRows, name: str, batch: int, compute, op) -> SliceRows:
+    """``rows`` plus column ``name``: ``compute(columns, rows, operator)`` over batches of rows. Rows whose
+    ``geometry`` column names another geometry than ``op``'s (AAPM head slices among body slices) get that
+    geometry's operator: each slice is projected and reconstructed in its own field of view."""
     cols = rows.columns
     n = len(next(iter(cols.values())))
-    parts = [compute(cols, slice(i, i + batch)) for i in range(0, n, batch)]
-    return SliceRows({**cols, name: np.concatenate(parts)}, rows.shard_of_row)
+    geoms = cols.get("geometry")
+    ops = {op.geometry.name: op}
+    out = None
+    for i in range(0, n, batch):
+        idx = np.arange(i, min(n, i + batch))
+        names = [op.geometry.name] * len(idx) if geoms is None else [str(geoms[j]) for j in idx]
+        for g in dict.fromkeys(names):
+            sel = idx[[k for k, v in enumerate(names) if v == g]]
+            if g not in ops:
+                ops[g] = _operator(g)
+            part = np.asarray(compute(cols, sel, ops[g]))
+            if out is None:
+                out = np.empty((n, *part.shape[1:]), part.dtype)
+            out[sel] = part
+    return SliceRows({**cols, name: out}, rows.shard_of_row)
 
 
 def to_unit_pair(rows: Mapping, domain: str, norm: Normalization, sino_mu: str = "ma", image_mu: str = "ma"
@@ -574,10 +604,11 @@ class SDEModel:
 
     def restore(self, mu_unit: torch.Tensor, content=None, control=None, *, steps: int | None = None,
                 generator: torch.Generator | None = None, tile: int | None = None, overlap: int = 32,
-                precision: str = "fp32", compile: bool = False, **kw) -> torch.Tensor:
+                precision: str = "fp32", compile: bool = False, x0_clip: bool = True, **kw) -> torch.Tensor:
         """F̂_0 in [0, 1] from μ in [0, 1] (N, 1, H, W): ``IRSDE.sample`` (or ``sample_tiled`` with ``tile``, by
         default the model's own when μ is larger), each F̂_0 clipped to [0, 1], the range every domain is
-        normalised to. ``precision``: the U-Net's (``unet.PRECISIONS``; ``bf16`` autocasts it, as training on CUDA
+        normalised to, unless ``x0_clip`` is False (the paper's sampler, which clips nothing).
+        ``precision``: the U-Net's (``unet.PRECISIONS``; ``bf16`` autocasts it, as training on CUDA
         does, while the sampler stays float32). ``compile``: the U-Net through ``torch.compile`` (mode
         reduce-overhead: fused kernels, replayed as CUDA graphs on a GPU), compiled once per precision and input
         size; on an H200 the paper U-Net at 512² went from 26.7 to 6.8 ms per evaluation in bf16 (29 s to
@@ -591,11 +622,12 @@ class SDEModel:
             if precision not in self._compiled:
                 self._compiled[precision] = torch.compile(net, mode="reduce-overhead", dynamic=False)
             net = self._compiled[precision]
+        x0_range = (0.0, 1.0) if x0_clip else None
         if tile is None:
             return self.sde.sample(net, mu_unit, content, control, steps=steps, generator=generator,
-                                   x0_range=(0.0, 1.0), **kw)
+                                   x0_range=x0_range, **kw)
         return self.sde.sample_tiled(net, mu_unit, content, control, tile=tile, overlap=overlap, steps=steps,
-                                     generator=generator, x0_range=(0.0, 1.0), **kw)
+                                     generator=generator, x0_range=x0_range, **kw)
 
 
 def _ema_weights(unet: nn.Module, ema) -> dict[str, torch.Tensor]:
