@@ -414,7 +414,9 @@ def test_train_sde_loop_config_holds_no_credentials(tmp_path, monkeypatch):
         seen.update(config)
         raise Stop
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # train_sde sets MLFLOW_TRACKING_URI for its workers: setenv first, so monkeypatch restores its absence after
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
     monkeypatch.setattr(common, "init_ray", lambda *a, **kw: None)
     monkeypatch.setattr(common, "fit", fit)
     monkeypatch.setattr(train_sde, "normalization_for_data", lambda data: None)
