@@ -155,14 +155,19 @@ def fov_region(g, device=None) -> torch.Tensor:
 OSRO_REGIONS = ("body", "image")
 
 
+def _body(x_ma_hu: torch.Tensor, metal_mask: torch.Tensor) -> torch.Tensor:
+    """The patient's body in X_ma with the metal read as air, so metal outside the body never joins it."""
+    from dudocrop.metrics.image import body_mask
+
+    return body_mask(torch.where(metal_mask > 0, torch.zeros_like(x_ma_hu), x_ma_hu))
+
+
 def osro_region(x_ma_hu: torch.Tensor, metal_mask: torch.Tensor, g, dilation: int = 1,
-                mode: str = "body") -> torch.Tensor:
+                mode: str = "body", body: torch.Tensor | None = None) -> torch.Tensor:
     """Where Eq. 11 takes its min / max. ``mode='image'``: every pixel, as Eq. 11 is written. ``body``: the
     patient's body (inside the reconstruction circle) minus the metal dilated by ``dilation`` px. Air is left out
     because the [0, 1] units clip it at 0 HU-equivalent attenuation in the diffusion priors but not in FBP(Y_p), so
-    air noise would set the range of X'_p and shift every tissue."""
-    from dudocrop.metrics.image import body_mask
-
+    air noise would set the range of X'_p and shift every tissue. ``body``: :func:`_body` when the caller has it."""
     if mode not in OSRO_REGIONS:
         raise ValueError(f"osro_region mode must be one of {OSRO_REGIONS}, got {mode!r}")
     if mode == "image":
@@ -170,7 +175,8 @@ def osro_region(x_ma_hu: torch.Tensor, metal_mask: torch.Tensor, g, dilation: in
     m = metal_mask.float()
     if dilation:
         m = F.max_pool2d(m, 2 * dilation + 1, stride=1, padding=dilation)
-    body = body_mask(torch.where(metal_mask > 0, torch.zeros_like(x_ma_hu), x_ma_hu))
+    if body is None:
+        body = _body(x_ma_hu, metal_mask)
     return fov_region(g, metal_mask.device) & body & (m <= 0)
 
 
@@ -180,11 +186,9 @@ def region_problems(x_ma_hu: torch.Tensor, metal_mask: torch.Tensor, g, dilation
     Refused: a mask that leaves fewer than :data:`MIN_REGION_PIXELS` pixels of body for Eq. 11 (a mask covering
     the body, or no body at all). Metal outside the body (an ECG lead, an external fixator) is kept: NMAR's guarded
     normalisation handles it and Eq. 11's region is the body either way."""
-    from dudocrop.metrics.image import body_mask
-
     metal = metal_mask > 0
-    body = body_mask(torch.where(metal, torch.zeros_like(x_ma_hu), x_ma_hu))
-    region = osro_region(x_ma_hu, metal_mask, g, dilation)
+    body = _body(x_ma_hu, metal_mask)
+    region = osro_region(x_ma_hu, metal_mask, g, dilation, body=body)
     out = []
     for i in range(x_ma_hu.shape[0]):
         n = int(region[i].sum())
