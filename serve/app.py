@@ -9,8 +9,6 @@ jobs (``dudocrop.service.jobs``) and derived DICOM (``dudocrop.data.dicom_derive
 job ids, shapes and error types, never names, ids or pixel values from the data.
 """
 
-from __future__ import annotations
-
 import asyncio
 import copy
 import hmac
@@ -23,14 +21,11 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
+from serve import http_io
 from serve.settings import TOKEN_ENV, ServeSettings, settings_from
 
 logger = logging.getLogger("ray.serve")
 
-MEDIA = {"dicom": "application/dicom", "nifti": "application/gzip", "npy": "application/x-npy",
-         "npz": "application/x-npz", "zip": "application/zip"}
-_ACCEPT = {"application/dicom": "dicom", "application/x-npy": "npy", "application/x-npz": "npz",
-           "application/gzip": "nifti", "application/x-nifti": "nifti", "application/nifti": "nifti"}
 
 
 def model_version(uri: str) -> str:
@@ -298,7 +293,7 @@ class MARIngress:
             raise HTTPException(e.status, str(e)) from e
         except ValueError as e:
             raise HTTPException(422, str(e)) from e
-        fmt = _ACCEPT.get((request.headers.get("accept") or "").split(",")[0].strip().lower(), s.fmt)
+        fmt = http_io.ACCEPT.get((request.headers.get("accept") or "").split(",")[0].strip().lower(), s.fmt)
         if fmt == "dicom" and s.fmt != "dicom":
             raise HTTPException(406, "a DICOM answer needs a DICOM input (its patient and study modules)")
         if fmt == "nifti" and s.fmt != "nifti":
@@ -313,10 +308,13 @@ class MARIngress:
             out = prepared.input_hu
         if return_priors:
             fmt = "npz"
-        data = await asyncio.to_thread(_encode, out, s, fmt, info, params, priors, not prepared.has_metal)
+        try:
+            data = await asyncio.to_thread(http_io.encode, out, s, fmt, info, params, priors, not prepared.has_metal)
+        except Exception as e:  # noqa: BLE001 - an input whose header cannot be written back (odd VRs, bit depths)
+            raise HTTPException(422, f"the corrected slice cannot be written as {fmt}: {type(e).__name__}") from e
         headers = {"X-Model-Version": info["model_version"], "X-Metal-Pixels": str(prepared.metal_pixels),
                    "X-Metal-Free": str(not prepared.has_metal).lower(), "X-Resampled": str(prepared.resampled).lower()}
-        return Response(data, media_type=MEDIA[fmt], headers=headers)
+        return Response(data, media_type=http_io.MEDIA[fmt], headers=headers)
 
     @api.post("/v1/jobs", status_code=202, dependencies=[Depends(_auth)])
     async def create_job(self, request: Request,
@@ -331,7 +329,7 @@ class MARIngress:
         from dudocrop.service.inputs import InputError, decode_study
 
         body = await self._body(request)
-        files = await _files(request, body, self.limits)
+        files = await http_io.files(request, body, self.limits)
         info = await self.info()
         try:
             study = await asyncio.to_thread(decode_study, files, self.limits)
@@ -383,7 +381,7 @@ class MARIngress:
             raise HTTPException(409, f"job {job_id} is {rec['state']}: no result yet")
         data = await asyncio.to_thread(self.store.result, job_id)
         name = self.store.result_name(job_id)
-        return Response(data, media_type=MEDIA["zip" if name.endswith(".zip") else "nifti"],
+        return Response(data, media_type=http_io.MEDIA["zip" if name.endswith(".zip") else "nifti"],
                         headers={"Content-Disposition": f'attachment; filename="{job_id}-{name}"',
                                  "X-Model-Version": rec["model_version"]})
 
@@ -397,61 +395,6 @@ class MARIngress:
         except UnknownJob as e:
             raise HTTPException(404, str(e)) from e
         return {"id": job_id, "state": rec["state"]}
-
-
-async def _files(request: Request, body: bytes, limits) -> list[tuple[str, bytes]]:
-    """The uploaded files of a job request: multipart parts, or the body itself (a zip, a NIfTI, one DICOM)."""
-    ctype = (request.headers.get("content-type") or "").lower()
-    if not ctype.startswith("multipart/form-data"):
-        return [("upload" + (".zip" if body[:2] == b"PK" else ".dcm" if "dicom" in ctype else ""), body)]
-    from starlette.datastructures import UploadFile
-    from starlette.formparsers import MultiPartException, MultiPartParser
-
-    async def stream():
-        yield body
-        yield b""
-
-    try:
-        form = await MultiPartParser(request.headers, stream(), max_files=limits.max_slices,
-                                     max_fields=limits.max_slices).parse()
-    except MultiPartException as e:
-        raise HTTPException(400, f"malformed multipart body: {e}") from e
-    files = []
-    for i, (_, v) in enumerate(form.multi_items()):
-        if isinstance(v, UploadFile):
-            files.append((os.path.basename(v.filename or f"part{i}"), await v.read()))
-    if not files:
-        raise HTTPException(400, "multipart body holds no files")
-    return files
-
-
-def _encode(hu: np.ndarray, s, fmt: str, info: dict, params: dict, priors: dict | None, metal_free: bool) -> bytes:
-    import io
-
-    if fmt == "dicom":
-        from dudocrop.data.dicom_derived import derived_slice, new_series_uid, to_bytes
-
-        osro = info["osro"]
-        ds = derived_slice(s.dataset, hu, series_uid=new_series_uid(), model_version=info["model_version"],
-                           steps=params["steps"] or info["steps"], k=params["k"] if params["k"] is not None
-                           else osro["k"], alpha=params["alpha"] if params["alpha"] is not None else osro["alpha"],
-                           beta=params["beta"] if params["beta"] is not None else osro["beta"],
-                           metal_free=metal_free)
-        return to_bytes(ds)
-    if fmt == "nifti":
-        from dudocrop.service.inputs import nifti_bytes, nifti_like
-
-        return nifti_bytes(nifti_like(s.nifti, hu[None]))
-    buf = io.BytesIO()
-    if fmt == "npy":
-        np.save(buf, hu.astype(np.float32))
-    else:
-        arrays = {"hu": hu.astype(np.float32), "spacing": np.asarray(s.spacing, np.float64),
-                  "metal_free": np.bool_(metal_free)}
-        for k, v in (priors or {}).items():
-            arrays[k] = v
-        np.savez(buf, **arrays)
-    return buf.getvalue()
 
 
 def build_app(args: dict | None = None, model_options: dict | None = None, ingress_options: dict | None = None):

@@ -121,8 +121,16 @@ def _read_dicom(data: bytes, name: str, limits: Limits):
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except Exception as e:  # noqa: BLE001 - pydicom raises many types for malformed files
         raise InputError(f"{name}: not a readable DICOM file ({type(e).__name__})", 400) from e
+    try:  # pydicom parses lazily: read every element now, so a malformed one is refused here, not later
+        for elem in ds.iterall():
+            _ = elem.value
+    except Exception as e:  # noqa: BLE001 - unknown VRs, bad lengths, undecodable text ...
+        raise InputError(f"{name}: malformed DICOM element ({type(e).__name__}: {str(e)[:120]})", 400) from e
     if "PixelData" not in ds:
         raise InputError(f"{name}: DICOM file without pixel data (truncated, or not an image)", 400)
+    missing = [t for t in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID") if t not in ds]
+    if missing:
+        raise InputError(f"{name}: DICOM file lacks {missing}", 422)
     modality = ds.get("Modality", None)
     if modality != "CT":
         raise InputError(f"{name}: Modality is {modality!r}, not 'CT': only CT values are HU", 422)
@@ -173,12 +181,13 @@ def _read_nifti_bytes(data: bytes, name: str, limits: Limits):
         if len(shape) == 3 and shape[2] > limits.max_slices:
             raise InputError(f"{name}: {shape[2]} slices, over the limit of {limits.max_slices}", 413)
         try:
-            img = nib.load(path)
-            if len(img.shape) == 2:
-                img = nib.Nifti1Image(np.asarray(img.dataobj)[..., None], img.affine, img.header)
-            elif len(img.shape) == 4:
-                img = nib.Nifti1Image(np.asarray(img.dataobj)[..., 0], img.affine, img.header)
-            img = nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), img.affine, img.header)
+            img = nib.load(path, mmap=False)  # no memory map: the file is rewritten below
+            data = np.asarray(img.dataobj, dtype=np.float32)
+            data = data[..., None] if data.ndim == 2 else data[..., 0] if data.ndim == 4 else data
+            img = nib.Nifti1Image(data, img.affine, img.header)
+            img.header.set_data_dtype(np.float32)
+            img.header.set_slope_inter(1.0, 0.0)
+            path = os.path.join(tmp, "volume.nii")
             nib.save(img, path)
             vol, spacing = read_nifti(path)
         except ValueError as e:

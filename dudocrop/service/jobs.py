@@ -59,7 +59,7 @@ class JobStore:
         return self.fs.get_file_info(path).type != pafs.FileType.NotFound
 
     def _read(self, path: str) -> bytes:
-        with self.fs.open_input_stream(path) as f:
+        with self.fs.open_input_stream(path, compression=None) as f:  # bytes as stored (no .gz auto-inflate)
             return f.read()
 
     # -- records ---------------------------------------------------------------------------------------------------
@@ -202,15 +202,22 @@ class JobStore:
 
 async def run_job(store: JobStore, job_id: str, correct: Callable[[np.ndarray], Awaitable[np.ndarray]],
                   geometry: FanBeamGeometry, threshold_hu: float, *, concurrency: int = 8, retries: int = 3,
-                  retry_delay_s: float = 0.5, limits: Limits | None = None, log: Callable[[str], None] = print) -> str:
+                  retry_delay_s: float = 0.5, limits: Limits | None = None, log: Callable[[str], None] = print,
+                  max_runs: int = 3) -> str:
     """Work a job through: skip finished slices, finish metal-free ones at once, send each metal slice (on the
     model grid) to ``correct`` with at most ``concurrency`` in flight, retrying a failed call ``retries`` times
     (a lost model replica: the call is re-queued), then write the result. Returns the final state. A job marked
-    cancelled stops before its next slice."""
+    cancelled stops before its next slice. A job started ``max_runs`` times without finishing (one that takes its
+    process down each time) is failed instead of resumed forever."""
     rec = store.record(job_id)
     if rec["state"] in FINAL_STATES:
         return rec["state"]
-    store.update(job_id, state="running", started=rec.get("started") or time.time())
+    runs = int(rec.get("runs", 0)) + 1
+    if runs > max_runs:
+        store.update(job_id, state="failed", error=f"started {max_runs} times without finishing", finished=time.time())
+        log(f"job {job_id}: failed (started {max_runs} times without finishing)")
+        return "failed"
+    store.update(job_id, state="running", started=rec.get("started") or time.time(), runs=runs)
     try:
         study = await asyncio.to_thread(store.load_study, job_id, limits)
         done = store.finished_slices(job_id)
