@@ -243,6 +243,20 @@ class Tracking:
             if os.path.isfile(path):
                 self.client.log_artifact(self.parent, path, "models")
 
+    def register_models(self, name: str) -> str | None:
+        """A new version of ``name`` in the MLflow Model Registry pointing at the parent run's ``models/`` (what
+        ``serve/`` loads as ``models:/<name>/<version>``). Returns the version, or None where the store has no
+        registry (printed, not fatal: the model folder and ``runs:/<id>/models`` still serve)."""
+        try:
+            if not self.client.search_registered_models(f"name = '{name}'"):
+                self.client.create_registered_model(name)
+            mv = self.client.create_model_version(name, f"runs:/{self.parent}/models", run_id=self.parent)
+        except Exception as e:  # noqa: BLE001 - e.g. a tracking server without a registry
+            print(f"train_all: model not registered ({type(e).__name__}: {e})", flush=True)
+            return None
+        print(f"train_all: registered models:/{name}/{mv.version}", flush=True)
+        return str(mv.version)
+
     def child(self, stage: str, argv: list[str]) -> str:
         run = self.client.create_run(self.exp_id, run_name=stage, tags={"mlflow.parentRunId": self.parent,
                                                                          "dudocrop.stage": stage})
@@ -363,15 +377,18 @@ def _run(a: argparse.Namespace) -> dict:
             continue
         execute(s)
         i += 1
+    registered = None
     if any(v["status"] == "ran" for v in summary.values()):
         tracking.log_models(os.path.join(out, "models"))
+        registered = tracking.register_models(f"dudocrop-{p.name}")
     total = time.time() - t_all
     print(f"train_all: finished in {total:.1f}s: " + ", ".join(f"{k} {v['status']}" + (
         f" {v['seconds']}s" if "seconds" in v else "") for k, v in summary.items()), flush=True)
     report = os.path.join(out, "report", "report.md")
     if os.path.exists(report):
         print(f"train_all: evaluation report {report}", flush=True)
-    return {"seconds": total, "stages": summary, "out": out, "mlflow_run_id": tracking.parent}
+    return {"seconds": total, "stages": summary, "out": out, "mlflow_run_id": tracking.parent,
+            "registered_version": registered}
 
 
 def main(argv=None) -> int:

@@ -153,3 +153,30 @@ def test_job_store_resumes_and_requeues_a_lost_call(tmp_path):
         store.status("0" * 32)
     with pytest.raises(UnknownJob):
         store.status("../../etc")
+
+
+@pytest.mark.slow
+def test_train_all_registers_its_models_and_the_service_loads_models_uri(tmp_path, monkeypatch):
+    """`pytest -m slow tests/test_serve_io.py -k registers` (an MLflow SQLite store costs ~30-120 s to create).
+    train_all's Tracking logs the model folder to the parent run and registers it; ``models:/<name>/<v>``
+    then loads with DuDoCROP.load, the path serve/ takes for a registry URI."""
+    import mlflow
+
+    from dudocrop.config import get_run_preset
+    from dudocrop.pipeline.model import DuDoCROP
+    from ray_jobs import train_all
+    from tests.serve_fixtures import tiny_model_folder
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "run"
+    models = tiny_model_folder(str(out / "models"))
+    before = mlflow.get_tracking_uri()
+    try:
+        tracking = train_all.Tracking(str(out), get_run_preset("tiny"))
+        tracking.log_models(models)
+        assert tracking.register_models("dudocrop-tiny") == "1"
+        assert tracking.register_models("dudocrop-tiny") == "2"  # each finished training: a new version
+        m = DuDoCROP.load("models:/dudocrop-tiny/2")
+        assert m.geometry.name == "tiny" and m.config.steps == 1
+    finally:
+        mlflow.set_tracking_uri(before)
