@@ -43,14 +43,16 @@ async def files(request: Request, body: bytes, limits) -> list[tuple[str, bytes]
 def encode(hu: np.ndarray, s, fmt: str, info: dict, params: dict, priors: dict | None, metal_free: bool) -> bytes:
     if fmt == "dicom":
         from dudocrop.data.dicom_derived import derived_slice, new_series_uid, to_bytes
+        from dudocrop.service.inputs import quiet_pydicom
 
         osro = info["osro"]
-        ds = derived_slice(s.dataset, hu, series_uid=new_series_uid(), model_version=info["model_version"],
-                           steps=params["steps"] or info["steps"], k=params["k"] if params["k"] is not None
-                           else osro["k"], alpha=params["alpha"] if params["alpha"] is not None else osro["alpha"],
-                           beta=params["beta"] if params["beta"] is not None else osro["beta"],
-                           metal_free=metal_free)
-        return to_bytes(ds)
+        with quiet_pydicom():
+            ds = derived_slice(s.dataset, hu, series_uid=new_series_uid(), model_version=info["model_version"],
+                               steps=params["steps"] or info["steps"], k=params["k"] if params["k"] is not None
+                               else osro["k"], alpha=params["alpha"] if params["alpha"] is not None else osro["alpha"],
+                               beta=params["beta"] if params["beta"] is not None else osro["beta"],
+                               metal_free=metal_free)
+            return to_bytes(ds)
     if fmt == "nifti":
         from dudocrop.service.inputs import nifti_bytes, nifti_like
 

@@ -331,3 +331,27 @@ def test_job_survives_a_killed_model_replica(svc):
     assert (st["state"], st["done"], st["total"]) == ("done", 6, 6), st
     zf = zipfile.ZipFile(io.BytesIO(requests.get(f"{svc}/v1/jobs/{jid}/result", timeout=60).content))
     assert len(zf.namelist()) == 6
+
+
+def test_full_model_queue_answers_503_with_retry_after():
+    """Back-pressure from the model deployment (its max_queued_requests reached) becomes 503 + Retry-After."""
+    import asyncio
+
+    from fastapi import HTTPException
+    from ray.serve.exceptions import BackPressureError
+
+    from serve.app import MARIngress
+    from serve.settings import ServeSettings
+
+    class Full:
+        class correct:  # noqa: N801 - stands in for handle.correct
+            @staticmethod
+            async def remote(*a, **k):
+                raise BackPressureError(num_queued_requests=64, max_queued_requests=64)
+
+    from types import SimpleNamespace
+
+    ing = SimpleNamespace(model=Full(), settings=ServeSettings(retry_after_s=7))
+    with pytest.raises(HTTPException) as e:
+        asyncio.run(MARIngress.func_or_class._correct(ing, np.zeros((64, 64), np.float32), {}))
+    assert e.value.status_code == 503 and e.value.headers["Retry-After"] == "7"

@@ -180,3 +180,20 @@ def test_train_all_registers_its_models_and_the_service_loads_models_uri(tmp_pat
         assert m.geometry.name == "tiny" and m.config.steps == 1
     finally:
         mlflow.set_tracking_uri(before)
+
+
+def test_decoding_logs_no_patient_data(caplog, recwarn):
+    """pydicom's validation warnings quote values; decoding an upload must not put names or UIDs in logs."""
+    import logging
+
+    ds = ct_dataset(phantom(metal=False), 6.25)
+    ds.PatientName = "Secret^Person" + "X" * 70  # over PN's 64 chars: pydicom would warn quoting it
+    ds.StudyInstanceUID = "1.2.3.0999.SECRET"  # not a valid UID: pydicom would warn quoting it
+    data = dicom_bytes(ds)
+    caplog.set_level(logging.DEBUG)
+    caplog.clear()
+    recwarn.clear()  # what writing the fixture warned is not the service's
+    s = decode_slice(data)
+    assert s.fmt == "dicom"
+    text = caplog.text + " ".join(str(w.message) for w in recwarn)
+    assert "Secret" not in text and "SECRET" not in text

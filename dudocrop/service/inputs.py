@@ -9,9 +9,11 @@ decodable pixel data) are :mod:`dudocrop.data.clinical`'s.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 
@@ -114,7 +116,28 @@ def check_pixels(hu: np.ndarray, name: str, limits: Limits) -> np.ndarray:
 
 
 # ---- one slice ---------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def quiet_pydicom():
+    """pydicom's validation warnings quote element values (UIDs, names): nothing of the data goes to logs, so
+    its reading validation is off and its warnings are dropped while an upload is decoded."""
+    from pydicom import config
+
+    old = config.settings.reading_validation_mode
+    config.settings.reading_validation_mode = config.IGNORE
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        config.settings.reading_validation_mode = old
+
+
 def _read_dicom(data: bytes, name: str, limits: Limits):
+    with quiet_pydicom():
+        return _read_dicom_quiet(data, name, limits)
+
+
+def _read_dicom_quiet(data: bytes, name: str, limits: Limits):
     import pydicom
 
     try:

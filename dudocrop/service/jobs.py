@@ -29,7 +29,7 @@ import pyarrow.fs as pafs
 from dudocrop.ct.geometry import FanBeamGeometry
 from dudocrop.data.shards import atomic_write_bytes, resolve
 from dudocrop.service.grid import back_to_input_grid, prepare_slice
-from dudocrop.service.inputs import Limits, Study, decode_study, nifti_bytes, nifti_like
+from dudocrop.service.inputs import Limits, Study, decode_study, nifti_bytes, nifti_like, quiet_pydicom
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
 FINAL_STATES = ("done", "failed", "cancelled")
@@ -189,7 +189,7 @@ class JobStore:
             series_uid = rec.get("series_uid") or new_series_uid()
             p = rec.get("params", {})
             buf = io.BytesIO()
-            with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+            with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf, quiet_pydicom():
                 for i, (s, (hu, metal)) in enumerate(zip(study.slices, outs)):
                     ds = derived_slice(s.dataset, hu, series_uid=series_uid, model_version=rec["model_version"],
                                        steps=p.get("steps"), k=p["k"], alpha=p["alpha"], beta=p["beta"],
