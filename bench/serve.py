@@ -49,6 +49,7 @@ def parse_args(argv=None):
     ap.add_argument("--job-slices", type=int, default=64)
     ap.add_argument("--job-metal", type=int, default=8)
     ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--max-batch-size", type=int, default=4, help="@serve.batch size (1: no batching)")
     return ap.parse_args(argv)
 
 
@@ -63,23 +64,23 @@ class ReplicaSampler(threading.Thread):
 
     def __init__(self, period: float = 0.5):
         super().__init__(daemon=True)
-        self.period, self.samples, self.phase, self._stop = period, [], "start", threading.Event()
+        self.period, self.samples, self.phase, self._halt = period, [], "start", threading.Event()
         self.t0 = time.time()
 
     def run(self):
         from ray import serve
 
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             try:
                 dep = serve.status().applications[APP].deployments["MARModel"]
                 n = int(dep.replica_states.get("RUNNING", 0))
             except Exception:  # noqa: BLE001 - the app may still be deploying
                 n = 0
             self.samples.append((round(time.time() - self.t0, 2), n, self.phase))
-            self._stop.wait(self.period)
+            self._halt.wait(self.period)
 
     def stop(self):
-        self._stop.set()
+        self._halt.set()
         self.join()
 
 
@@ -191,7 +192,8 @@ def main(argv=None) -> int:
     autoscaling = {"min_replicas": 1, "max_replicas": a.max_replicas, "initial_replicas": 1,
                    "target_ongoing_requests": 2, "metrics_interval_s": 0.5, "look_back_period_s": 2.0,
                    "upscale_delay_s": a.upscale_delay, "downscale_delay_s": a.downscale_delay}
-    app = build_app({"model_uri": model, "store": os.path.join(tmp, "jobs"), "max_batch_size": 4},
+    app = build_app({"model_uri": model, "store": os.path.join(tmp, "jobs"),
+                     "max_batch_size": a.max_batch_size},
                     model_options={"autoscaling_config": autoscaling, "max_ongoing_requests": 8,
                                    "max_queued_requests": 256, "ray_actor_options": {"num_cpus": 1}},
                     ingress_options={"ray_actor_options": {"num_cpus": 0.25}})
@@ -202,8 +204,12 @@ def main(argv=None) -> int:
     sampler = ReplicaSampler()
     sampler.start()
     body = npy_bytes(phantom())
-    out = {"device": "cpu", "model": "tiny untrained (tests/serve_fixtures.py)" if not a.model else a.model,
-           "steps": a.steps, "cpu_count": os.cpu_count(), "serve_run_seconds": round(startup, 1),
+    import requests
+
+    health = requests.get(url + "/healthz", timeout=120).json()
+    out = {"device": health["device"], "precision": health["precision"], "steps": health["steps"],
+           "model": "tiny untrained (tests/serve_fixtures.py)" if not a.model else a.model,
+           "max_batch_size": a.max_batch_size, "cpu_count": os.cpu_count(), "serve_run_seconds": round(startup, 1),
            "load_average_1min": round(os.getloadavg()[0], 1), "phases": []}
     try:
         for c in (int(x) for x in a.clients.split(",")):

@@ -314,7 +314,8 @@ def test_config_yaml_is_a_valid_serve_config():
 @pytest.mark.slow
 def test_job_survives_a_killed_model_replica(svc):
     """`pytest -m slow tests/test_serve.py -k killed`: a job of 6 metal slices; the model replica is killed while
-    the job runs; Serve starts a new one, the lost calls are re-queued, the job completes with every slice."""
+    the job runs; Serve starts a new one, the lost calls are re-queued, the job completes with every slice. Then
+    the ingress replica is killed: its successor serves the finished result from the job store."""
     import ray
 
     dss = study(6, tuple(range(6)))
@@ -331,6 +332,19 @@ def test_job_survives_a_killed_model_replica(svc):
     assert (st["state"], st["done"], st["total"]) == ("done", 6, 6), st
     zf = zipfile.ZipFile(io.BytesIO(requests.get(f"{svc}/v1/jobs/{jid}/result", timeout=60).content))
     assert len(zf.namelist()) == 6
+    # an ingress restart loses no finished result: kill the ingress replica, Serve starts another on the same store
+    ing = [a for a in ray.util.list_named_actors(all_namespaces=True) if "MARIngress" in a["name"]]
+    ray.kill(ray.get_actor(ing[0]["name"], namespace=ing[0]["namespace"]), no_restart=True)
+    t0 = time.time()
+    while time.time() - t0 < 300:
+        try:
+            r = requests.get(f"{svc}/v1/jobs/{jid}/result", timeout=30)
+            if r.status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    assert r.status_code == 200 and zipfile.ZipFile(io.BytesIO(r.content)).namelist() == zf.namelist()
 
 
 def test_full_model_queue_answers_503_with_retry_after():
