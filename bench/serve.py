@@ -151,6 +151,7 @@ def _plot(samples, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     from dudocrop.atomic import atomic_open
 
@@ -167,6 +168,7 @@ def _plot(samples, path: str) -> None:
     ax.set_xlabel("seconds")
     ax.set_ylabel("model replicas (RUNNING)")
     ax.set_ylim(0, max(n) + 1.2)
+    ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_title("serve autoscaling under rising and falling load (bench/serve.py)")
     fig.tight_layout()
     with atomic_open(path, "wb") as f:
