@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import threading
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,7 +43,15 @@ def main(argv=None) -> int:
     ray.init(include_dashboard=False)
     serve.start(http_options={"host": a.host, "port": a.port})
     app = build_app(args, model_options={"num_replicas": a.replicas})
-    serve.run(app, name="dudocrop", route_prefix="/", blocking=True)
+    serve.run(app, name="dudocrop", route_prefix="/")
+    print(f"serving on http://{a.host}:{a.port} (Ctrl-C stops)", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ray's driver swallows SIGINT during a blocking serve.run
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+    serve.shutdown()  # graceful: replicas drain their requests (graceful_shutdown_timeout_s)
+    ray.shutdown()
     return 0
 
 
