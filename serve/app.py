@@ -348,7 +348,7 @@ class MARIngress:
         params = {"steps": steps or info["steps"], "k": osro["k"] if k is None else k,
                   "alpha": osro["alpha"] if alpha is None else alpha, "beta": osro["beta"] if beta is None else beta,
                   "seed": seed}
-        job_id = await asyncio.to_thread(self.store.create, study, files if study.fmt == "dicom" else [], {
+        job_id = await asyncio.to_thread(self.store.create, study, {
             "with_metal": with_metal, "model_version": info["model_version"], "params": params})
         logger.info("job %s: %d slices (%d with metal) queued", job_id, len(study.slices), with_metal)
         self._start(job_id)

@@ -122,7 +122,7 @@ def test_job_store_resumes_and_requeues_a_lost_call(tmp_path):
     files = [(f"{i}.dcm", dicom_bytes(d)) for i, d in enumerate(dss)]
     st = decode_study(files)
     store = JobStore(str(tmp_path / "jobs"))
-    job = store.create(st, files, {"with_metal": 2, "model_version": "m", "params": {"k": .5, "alpha": .5,
+    job = store.create(st, {"with_metal": 2, "model_version": "m", "params": {"k": .5, "alpha": .5,
                                                                                       "beta": .5}})
     calls = []
 

@@ -57,6 +57,7 @@ class Slice:
     dataset: object | None = None  # the pydicom Dataset of a DICOM input
     nifti: object | None = None  # the nibabel image of a NIfTI input
     name: str = "input"
+    raw: bytes | None = None  # the uploaded file of a DICOM instance in a study, kept as it came
 
 
 @dataclass
@@ -335,7 +336,7 @@ def decode_study(files: list[tuple[str, bytes]], limits: Limits = Limits()) -> S
             raise InputError(f"{fname}: a study job takes DICOM files, one zip of them or one NIfTI volume; "
                              f"got a {fmt} file among them", 415)
         ds, hu, sp = _read_dicom(blob, fname, limits)
-        slices.append(Slice(hu, sp, "dicom", dataset=ds, name=fname))
+        slices.append(Slice(hu, sp, "dicom", dataset=ds, name=fname, raw=blob))
     if not slices:
         raise InputError("no DICOM images in the upload", 422)
     series = {str(s.dataset.get("SeriesInstanceUID", "")) for s in slices}

@@ -63,18 +63,16 @@ class JobStore:
             return f.read()
 
     # -- records ---------------------------------------------------------------------------------------------------
-    def create(self, study: Study, files: list[tuple[str, bytes]], info: dict) -> str:
-        """A new queued job holding the study's input files; ``info`` (settings, model version, metal count) is
-        kept in job.json. Returns the job id."""
+    def create(self, study: Study, info: dict) -> str:
+        """A new queued job holding the study's input files as uploaded (DICOM) or its volume (NIfTI); ``info``
+        (settings, model version, metal count) is kept in job.json. Returns the job id."""
         job_id = uuid.uuid4().hex
         if study.fmt == "nifti":
             atomic_write_bytes(self.fs, self._p("jobs", job_id, "input", "volume.nii.gz"), nifti_bytes(study.nifti))
         else:
             self.fs.create_dir(self._p("jobs", job_id, "input"), recursive=True)
             for i, s in enumerate(study.slices):
-                buf = io.BytesIO()
-                s.dataset.save_as(buf)
-                atomic_write_bytes(self.fs, self._p("jobs", job_id, "input", f"{i:05d}.dcm"), buf.getvalue())
+                atomic_write_bytes(self.fs, self._p("jobs", job_id, "input", f"{i:05d}.dcm"), s.raw)
         self.fs.create_dir(self._p("jobs", job_id, "slices"), recursive=True)
         rec = {"id": job_id, "state": "queued", "fmt": study.fmt, "total": len(study.slices), "created": time.time(),
                "updated": time.time(), **info}
