@@ -121,7 +121,7 @@ def test_job_store_resumes_and_requeues_a_lost_call(tmp_path):
     dss = study(6, (1, 4))
     files = [(f"{i}.dcm", dicom_bytes(d)) for i, d in enumerate(dss)]
     st = decode_study(files)
-    store = JobStore(str(tmp_path / "jobs"))
+    store = JobStore("file://" + str(tmp_path / "jobs"))  # a pyarrow file-system URI; a plain folder below
     job = store.create(st, {"with_metal": 2, "model_version": "m", "params": {"k": .5, "alpha": .5,
                                                                                       "beta": .5}})
     calls = []
@@ -197,3 +197,18 @@ def test_decoding_logs_no_patient_data(caplog, recwarn):
     assert s.fmt == "dicom"
     text = caplog.text + " ".join(str(w.message) for w in recwarn)
     assert "Secret" not in text and "SECRET" not in text
+
+
+def test_serve_settings_defaults_env_then_args():
+    from serve.settings import settings_from
+
+    env = {"DUDOCROP_MODEL_URI": "models:/dudocrop-tiny/3", "DUDOCROP_STEPS": "20", "DUDOCROP_DEVICE": "cpu"}
+    s = settings_from({"steps": 5, "max_batch_size": "8"}, environ=env)
+    assert (s.model_uri, s.steps, s.device, s.max_batch_size) == ("models:/dudocrop-tiny/3", 5, "cpu", 8)
+    assert settings_from({}, environ={}).model_uri == "outputs/train_all/models"
+    with pytest.raises(ValueError, match="unknown serve setting"):
+        settings_from({"modle_uri": "x"}, environ={})
+    with pytest.raises(ValueError, match="cannot read 'many' as int"):
+        settings_from({"steps": "many"}, environ={})
+    with pytest.raises(ValueError, match="device must be"):
+        settings_from({}, environ={"DUDOCROP_DEVICE": "tpu"})
