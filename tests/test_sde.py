@@ -191,6 +191,18 @@ def test_presets_sizes():
     assert 47e6 < count_parameters(paper) < 51e6  # DA-CLIP's ≈49 M (REFERENCE §1)
 
 
+def test_a_level_without_attention_passes_the_context_by():
+    # A level in neither attn_levels nor st_levels used to be an nn.Identity called with (x, context): TypeError.
+    import dataclasses
+
+    cfg = dataclasses.replace(get_unet_config("tiny"), attn_levels=(), st_levels=())
+    net = ConditionalUNet(cfg)
+    x = torch.rand(1, 1, 16, 16)
+    c = torch.randn(1, cfg.context_dim)
+    out = net(x, x, 10, content=c, control=c)
+    assert out.shape == x.shape and bool(torch.isfinite(out).all())
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 37, 29), (2, 1, 5, 7), (1, 1, 1, 3), (1, 1, 64, 64)])
 def test_any_input_size_comes_back_the_same(shape):
     net = build_unet("tiny")

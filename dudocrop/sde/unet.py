@@ -127,6 +127,13 @@ class Attention(nn.Module):
         return self.to_out(out.transpose(1, 2).reshape(n, lq, d))
 
 
+class NoAttention(nn.Module):
+    """A level with neither attention nor a spatial transformer; takes (and ignores) the context like they do."""
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return x
+
+
 class GEGLUFeedForward(nn.Module):
     def __init__(self, dim: int, dropout: float, mult: int = 4) -> None:
         super().__init__()
@@ -200,7 +207,7 @@ class ConditionalUNet(nn.Module):
                 return SpatialTransformer(ch, cfg.head_dim, cfg.context_dim, cfg.dropout)
             if st or level in cfg.attn_levels:
                 return LinearAttention(ch, cfg.heads, cfg.head_dim)
-            return nn.Identity()
+            return NoAttention()
 
         self.down, self.up = nn.ModuleList(), nn.ModuleList()
         last = cfg.levels - 1
