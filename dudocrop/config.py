@@ -5,7 +5,8 @@ The stage-level numbers live with their stages (``dudocrop.clip.config``, ``dudo
 (``field=value`` strings handed to the stage's ``--set``).
 
 * ``tiny``: the embedded default — a newcomer's laptop, minutes: 64² synthetic slices, tiny random-init CLIP
-  towers, tiny U-Nets trained for a few hundred steps. It shows every stage working; its numbers are not quality.
+  towers, tiny U-Nets trained for a few hundred steps with ``small``'s recipe, so DuDoCROP ends on par with NMAR.
+  It shows every stage working; its numbers are not quality.
 * ``small``: 128² synthetic slices, more data and steps: quality on a CPU machine in about an hour.
 * ``paper``: the paper's sizes and literal choices on a GPU cluster: AAPM body and head slices together, captions by
   LLaVA-v1.5-13b through vLLM, ViT-B-32, the 49 M U-Net with the paper's schedules (§IV-B), the Euler reverse step
