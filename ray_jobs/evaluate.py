@@ -63,6 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--beta", type=float, default=None, help="Eq. 15 factor")
     ap.add_argument("--sweeps", default="tiny", help="metal-sweep preset for PI_q / PI_s, or 'none'")
     ap.add_argument("--lpips-weights", default=None, help="AlexNet backbone file (default: $TORCH_HOME/hub/...)")
+    ap.add_argument("--about", default=None, help="what the run is and is not: the report's first paragraph")
     ap.add_argument("--gpu", action="store_true")
     return ap.parse_args(argv)
 
@@ -200,7 +201,8 @@ def run(a: argparse.Namespace) -> dict:
         r["method"] = LABELS.get(r["method"], r["method"])
     if pi is not None:
         pi = {(ds, LABELS.get(m, m)): v for (ds, m), v in pi.items()}
-    paths = write_tables(rows, a.out, stem="report", pi=pi, title="DuDoCROP evaluation", notes=notes)
+    paths = write_tables(rows, a.out, stem="report", pi=pi, title="DuDoCROP evaluation", notes=notes,
+                         preamble=[a.about] if a.about else [])
     write_json(os.path.join(a.out, "rows.json"), rows)
     outs, ref, mask = first
     for fig, cols in (("fig9_methods.png", FIG9), ("fig13_modules.png", FIG13)):

@@ -125,7 +125,8 @@ def stage_argv(p: RunPreset, out: str, root: str | None) -> dict[str, list[str]]
         "evaluate": ["--data", data, "--models", models, "--out", f"{out}/report", "--split", p.eval_split,
                      "--max-slices", str(p.eval_slices), "--sweeps", p.sweeps, *gpu]
                     + ([] if p.eval_steps is None else ["--steps", str(p.eval_steps)])
-                    + (["--baseline-models", f"{out}/models_plain"] if p.guidance_ablation else []),
+                    + (["--baseline-models", f"{out}/models_plain"] if p.guidance_ablation else [])
+                    + (["--about", p.about] if p.about else []),
     }
     return argv
 

@@ -238,7 +238,8 @@ def _rows():
 def test_tables_hold_mean_and_sd_of_the_rows(tmp_path):
     rows = _rows()
     pi = {("body", "DuDoCROP"): {"pi_q": 0.35, "pi_s": None}}
-    paths = write_tables(rows, tmp_path, stem="t", pi=pi, notes=["PSNR/SSIM in [-1024, 3072] HU"])
+    paths = write_tables(rows, tmp_path, stem="t", pi=pi, notes=["PSNR/SSIM in [-1024, 3072] HU"],
+                         preamble=["What the run is and is not."])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.csv", "t.md"]  # no temporary files left
     with open(paths["csv"], newline="") as f:
         table = list(csv.DictReader(f))
@@ -256,6 +257,7 @@ def test_tables_hold_mean_and_sd_of_the_rows(tmp_path):
             assert float(r["lpips_x100_mean"]) == pytest.approx(100 * statistics.mean(x["lpips"] for x in g))
     assert table[1]["pi_q"] == "0.35" and table[1]["pi_s"] == "unavailable" and table[0]["pi_q"] == ""
     md = paths["markdown"].read_text()
+    assert md.startswith("What the run is and is not.\n\n|")  # the preamble comes first, then the table
     body_li = next(line for line in md.splitlines() if line.startswith("| body | LI |"))
     g = [x for x in rows if x["dataset"] == "body" and x["method"] == "LI"]
     p_mean, p_sd = statistics.mean(x["psnr"] for x in g), statistics.stdev(x["psnr"] for x in g)

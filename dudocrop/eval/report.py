@@ -228,15 +228,17 @@ def _has_pi(summary) -> bool:
     return any(r.pi_q != NOT_EVALUATED or r.pi_s != NOT_EVALUATED for r in summary)
 
 
-def format_markdown(summary: Sequence[SummaryRow], title: str | None = None, notes: Sequence[str] = ()) -> str:
-    """The Markdown table: Dataset | Method | n | PSNR (dB) | SSIM | LPIPS×100 | s / slice [| PI_q | PI_s]."""
+def format_markdown(summary: Sequence[SummaryRow], title: str | None = None, notes: Sequence[str] = (),
+                    preamble: Sequence[str] = ()) -> str:
+    """The Markdown table: Dataset | Method | n | PSNR (dB) | SSIM | LPIPS×100 | s / slice [| PI_q | PI_s].
+    ``preamble``: paragraphs printed first, above the title (what the run is and is not)."""
     summary = list(summary)
     best = _best(summary)
     pi = _has_pi(summary)
     head = ["Dataset", "Method", "n", "PSNR (dB) ↑", "SSIM ↑", "LPIPS×100 ↓", "s / slice"]
     if pi:
         head += ["PI_q ↓", "PI_s ↓"]
-    lines = []
+    lines = [line for p in preamble for line in (p, "")]
     if title:
         lines += [f"### {title}", ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["--:"] * (len(head) - 2)) + "|"]
@@ -284,15 +286,15 @@ def format_csv(summary: Sequence[SummaryRow]) -> str:
 
 def write_tables(rows: Sequence[Mapping], out_dir: str | os.PathLike, stem: str = "evaluation",
                  pi: Mapping[tuple[str, str], Mapping[str, float | None]] | None = None, title: str | None = None,
-                 notes: Sequence[str] = ()) -> dict[str, Path]:
+                 notes: Sequence[str] = (), preamble: Sequence[str] = ()) -> dict[str, Path]:
     """Write ``<out_dir>/<stem>.md`` and ``<stem>.csv`` (atomically) from per-slice ``rows``; returns
     ``{"markdown": path, "csv": path}``. ``notes`` are printed under the Markdown table (say the metric window
-    and region here)."""
+    and region here), ``preamble`` above it (what the run is)."""
     if not (isinstance(stem, str) and stem and "/" not in stem and "\\" not in stem):
         raise ValueError(f"stem must be a non-empty file name without folders, got {stem!r}")
     summary = summarize(rows, pi)
     d = Path(out_dir)
-    return {"markdown": write_text(d / f"{stem}.md", format_markdown(summary, title, notes)),
+    return {"markdown": write_text(d / f"{stem}.md", format_markdown(summary, title, notes, preamble)),
             "csv": write_text(d / f"{stem}.csv", format_csv(summary))}
 
 
