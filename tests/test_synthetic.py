@@ -61,8 +61,9 @@ def test_metal_changes_the_scan_only_on_the_trace(records):
         validate_record(rec, TINY)
         trace = rec["metal_trace"] > 0
         assert trace.any()
-        # paper Eq. 1: outside the trace the metal scan is the reference scan; on it, metal attenuates more
-        assert np.array_equal(rec["Y_ma"][~trace], rec["Y_ref"][~trace])
+        # paper Eq. 1: outside the trace the metal scan is the reference scan up to its own (independent) noise;
+        # on it, metal attenuates more
+        assert abs((rec["Y_ma"] - rec["Y_ref"])[~trace].mean()) < 1e-3
         assert (rec["Y_ma"][trace] - rec["Y_ref"][trace]).mean() > 0.5
         outside = rec["metal_mask"] < 0.5
         rmse = np.sqrt(np.mean((rec["X_ma"][outside] - rec["X_ref"][outside]) ** 2))

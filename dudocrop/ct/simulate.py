@@ -25,9 +25,13 @@ The recipe is the SynDeepLesion one (Zhang & Yu, IEEE TMI 2018; used by InDuDoNe
    water of any thickness L maps to MU_WATER * L (``water_bhc``), continued linearly beyond the fitted range.
 7. X = FBP(Y) in HU.
 
-Y_ref uses the same physics and the same noise realisation without metal; the metal scan differs only on rays
-that cross metal (the trace, M_s = P_metal > 0), which are simulated with their own noise. So outside the trace
-Y_ma == Y_ref exactly (paper Eq. 1).
+Y_ref uses the same physics without metal. By default the two scans are independent noise realisations, as two
+real acquisitions (and the AAPM CT-MAR data, which simulate them separately) are: outside the metal trace
+(M_s = P_metal > 0) Y_ma and Y_ref then have the same mean but independent noise, so X_ma - X_ref off the metal
+carries the noise of two scans rather than none. ``SimulationSettings.shared_noise`` keeps the older recipe: the
+metal scan reuses the reference realisation and differs only on the trace (simulated with its own noise), so
+outside the trace Y_ma == Y_ref exactly (paper Eq. 1 taken literally). Noiseless settings give Y_ma == Y_ref off
+the trace either way.
 """
 
 from __future__ import annotations
@@ -86,6 +90,9 @@ class SimulationSettings:
     metal_supersample: int = 8  # sub-pixel samples per axis for metal partial volume
     fbp_filter: str = "ram-lak"
     fbp_cutoff: float = 1.0
+    # False: Y_ma and Y_ref are independent noise realisations (two scans, the default); True: the metal scan reuses
+    # the reference scan's noise and differs only on the metal trace
+    shared_noise: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.spectrum, SpectrumSpec):
@@ -111,6 +118,8 @@ class SimulationSettings:
         if not (isinstance(self.metal_supersample, int) and 1 <= self.metal_supersample <= 32):
             raise ValueError(f"SimulationSettings.metal_supersample must be an int in [1, 32], "
                              f"got {self.metal_supersample!r}")
+        if not isinstance(self.shared_noise, bool):
+            raise ValueError(f"SimulationSettings.shared_noise must be a bool, got {self.shared_noise!r}")
         if self.fbp_filter not in FILTERS:
             raise ValueError(f"SimulationSettings.fbp_filter must be one of {FILTERS}, got {self.fbp_filter!r}")
 
@@ -232,7 +241,8 @@ class SimulationResult:
     fractional coverage, ``metal_trace`` (bool) the rays with a non-zero metal path (Eq. 1's M_s).
 
     The trace contains ``trace.metal_trace(metal_mask, op)`` plus the few rays that graze only partial-volume
-    metal pixels (coverage <= 0.5); Eq. 1 (Y_ma == Y_ref outside it) holds exactly for this trace, so
+    metal pixels (coverage <= 0.5); Eq. 1 (Y_ma == Y_ref outside it, in the mean; exactly with
+    ``shared_noise`` or without noise) holds for this trace, so
     downstream LI / NMAR should use it (or a dilated binary trace) rather than re-deriving one from the mask."""
 
     X_ma: torch.Tensor
@@ -397,13 +407,21 @@ def _measure(T: torch.Tensor, V: torch.Tensor | None, st: SimulationSettings, sd
     return -torch.log(torch.clamp(sig, min=st.min_quanta) / n0)
 
 
-def _generator(seed: int, i: int, device: torch.device) -> tuple[np.random.Generator, torch.Generator]:
-    """Independent streams per slice: SeedSequence(seed) child i -> (metal placement, noise)."""
-    child = np.random.SeedSequence(seed, spawn_key=(i,))
-    metal_ss, noise_ss = child.spawn(2)
+def _torch_generator(ss: np.random.SeedSequence, device: torch.device) -> torch.Generator:
     tg = torch.Generator(device=device)
-    tg.manual_seed(int(noise_ss.generate_state(1, np.uint64)[0] >> np.uint64(1)))
-    return np.random.default_rng(metal_ss), tg
+    tg.manual_seed(int(ss.generate_state(1, np.uint64)[0] >> np.uint64(1)))
+    return tg
+
+
+def _generator(seed: int, i: int, device: torch.device
+               ) -> tuple[np.random.Generator, torch.Generator, torch.Generator]:
+    """Independent streams per slice: SeedSequence(seed) child i -> (metal placement, reference-scan noise,
+    metal-scan noise). The third stream is only used for independent realisations (``shared_noise`` False);
+    spawning it leaves the first two unchanged."""
+    child = np.random.SeedSequence(seed, spawn_key=(i,))
+    metal_ss, noise_ss, noise_ma_ss = child.spawn(3)
+    return (np.random.default_rng(metal_ss), _torch_generator(noise_ss, device),
+            _torch_generator(noise_ma_ss, device))
 
 
 def simulate(clean_hu, op: FanBeamOperator | FanBeamGeometry | str, metal=None,
@@ -416,8 +434,8 @@ def simulate(clean_hu, op: FanBeamOperator | FanBeamGeometry | str, metal=None,
         metal: None (no metal), a MetalObject, a sequence of MetalObject (same for every slice), one sequence
             per slice, or a MetalConfig / metal preset name (objects sampled per slice from ``seed``).
         settings: SimulationSettings or a preset name (``aapm_like``, ``syndeeplesion_like``, ``noiseless``).
-        seed: slice i uses child i of ``np.random.SeedSequence(seed)`` for metal placement and noise, so a
-            result is reproducible and a slice's noise does not depend on the batch size.
+        seed: slice i uses child i of ``np.random.SeedSequence(seed)`` for metal placement and noise (one stream
+            per scan), so a result is reproducible and a slice's noise does not depend on the batch size.
     """
     t0 = time.perf_counter()
     op = _operator(op)
@@ -504,11 +522,16 @@ def simulate(clean_hu, op: FanBeamOperator | FanBeamGeometry | str, metal=None,
     trace = metal_path > 0  # (N, V, C)
     Y_ref = torch.empty((n, *g.sino_shape), dtype=torch.float64, device=dev)
     Y_ma = torch.empty_like(Y_ref)
+    shared = st.shared_noise or not st.noisy
     for i in range(n):
         tg = gens[i][1]
         T, V = _ref_signal(Pw[i].reshape(-1), Pb[i].reshape(-1) if has_bone else None, st, sd)
         Y_ref[i] = apply_water_bhc(_measure(T, V, st, sd, tg), st).reshape(g.sino_shape)
-        Y_ma[i] = Y_ref[i]
+        if shared:
+            Y_ma[i] = Y_ref[i]
+        else:  # a second scan with its own noise stream; off the trace it does not depend on the metal
+            tg = gens[i][2]
+            Y_ma[i] = apply_water_bhc(_measure(T, V, st, sd, tg), st).reshape(g.sino_shape)
         tr = trace[i].reshape(-1)
         if bool(tr.any()):
             cols = [Pw[i].reshape(-1)[tr] - (Pw_disp[i].reshape(-1)[tr] if Pw_disp is not None else 0.0)]
@@ -526,8 +549,11 @@ def simulate(clean_hu, op: FanBeamOperator | FanBeamGeometry | str, metal=None,
     t_phys = time.perf_counter()
 
     # ---- reconstruction
-    # slices without metal have Y_ma == Y_ref: one FBP serves both
-    with_metal = torch.nonzero(trace.flatten(1).any(1)).flatten()
+    # slices whose scans coincide (no metal, shared or no noise) have Y_ma == Y_ref: one FBP serves both
+    if shared:
+        with_metal = torch.nonzero(trace.flatten(1).any(1)).flatten()
+    else:
+        with_metal = torch.arange(n, device=dev)
     m = with_metal.numel()
     rec = op.fbp(torch.cat([Y_ma[with_metal], Y_ref], 0), filter=st.fbp_filter, cutoff=st.fbp_cutoff)
     X_ref = mu_to_hu(rec[m:]).contiguous()
