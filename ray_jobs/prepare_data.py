@@ -54,6 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--n-patients", type=int, default=8, help="synthetic: number of phantom patients")
     ap.add_argument("--slices-per-patient", type=int, default=2, help="synthetic: slices per patient")
     ap.add_argument("--simulation", default="aapm_like", help="synthetic: simulator settings preset")
+    ap.add_argument("--phantom", choices=["ellipse", "patient"], default="ellipse",
+                    help="synthetic: clean slices from smooth ellipse phantoms or patient-like ones (organ texture, "
+                         "vessels, bowel, random contrast; dudocrop.ct.patients)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shard-slices", type=int, default=8, help="slices per shard (bounds shard size)")
     ap.add_argument("--val-fraction", type=float, default=0.1)
@@ -80,7 +83,8 @@ def options_from_args(a: argparse.Namespace) -> SourceOptions:
     test_split = getattr(a, "test_split", None)
     return SourceOptions(source=a.source, geometry=a.geometry, root=a.root, layout=layout, anatomy=a.anatomy,
                          n_patients=a.n_patients, slices_per_patient=a.slices_per_patient, seed=a.seed,
-                         simulation=a.simulation, test_split=test_split or None,
+                         simulation=a.simulation, phantom=getattr(a, "phantom", "ellipse"),
+                         test_split=test_split or None,
                          dicom_rescale=tuple(a.dicom_rescale) if getattr(a, "dicom_rescale", None) else None)
 
 

@@ -18,6 +18,7 @@ import torch
 
 from dudocrop.ct.geometry import FanBeamGeometry, get_geometry
 from dudocrop.ct.operators import FanBeamOperator
+from dudocrop.ct.patients import PHANTOM_STYLES
 from dudocrop.ct.trace import metal_trace
 from dudocrop.ct.units import hu_to_mu
 from dudocrop.data import aapm, clinical
@@ -78,6 +79,7 @@ class SourceOptions:
     slices_per_patient: int = 2
     seed: int = 0
     simulation: str = "aapm_like"  # a simulator settings preset
+    phantom: str = "ellipse"  # synthetic clean slices: ellipse | patient (dudocrop.ct.patients.PHANTOM_STYLES)
     metal_threshold_hu: float = clinical.METAL_THRESHOLD_HU
     trace_dilation: int = 0
     dicom_rescale: tuple[float, float] | None = None  # (slope, intercept) for DICOM slices without the tags
@@ -92,6 +94,8 @@ class SourceOptions:
             raise ValueError(f"anatomy must be 'body', 'head' or 'mixed', got {self.anatomy!r}")
         if self.anatomy == "mixed" and self.source != "aapm":
             raise ValueError(f"anatomy='mixed' reads AAPM body and head cases; source={self.source!r} has one anatomy")
+        if self.phantom not in PHANTOM_STYLES:
+            raise ValueError(f"phantom must be one of {PHANTOM_STYLES}, got {self.phantom!r}")
         if self.test_split is not None and self.source != "aapm":
             raise ValueError(f"test_split names AAPM cases; source={self.source!r} splits by patient hash")
 
@@ -285,7 +289,7 @@ def build_record(ref: CaseRef, opts: SourceOptions, op: FanBeamOperator) -> dict
 def _simulate_record(ref: CaseRef, opts: SourceOptions, op: FanBeamOperator) -> dict:
     from dudocrop.data.synthetic import simulate_slice
 
-    return simulate_slice(ref.anatomy, op, _seed_for(ref, opts.seed), opts.simulation)
+    return simulate_slice(ref.anatomy, op, _seed_for(ref, opts.seed), opts.simulation, opts.phantom)
 
 
 def build_shard(spec: ShardSpec, opts: SourceOptions, out_dir: str, backend: str = "auto") -> ShardInfo:
