@@ -36,6 +36,7 @@ class RunPreset:
     shard_slices: int = 8
     simulation: str = "aapm_like"
     phantom: str = "ellipse"  # synthetic clean slices: ellipse | patient (issue 25: organ texture, vessels, bowel)
+    clinical_references: bool = False  # clinical: metal-free slices become references with simulated metal
     # AAPM (prepare_data.py): ``body``, ``head`` or ``mixed`` (both, each slice with its own FOV, paper §IV-A);
     # the regex whose group 1 is the patient id of a case id (splits are per patient); the test cases as a split
     # file (one case id per line) or a folder of the release's layout (paper: the official test sets)

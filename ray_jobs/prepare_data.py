@@ -64,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--address", default=None, help="Ray address (default: join a cluster if one runs, "
                                                     "else start a local one)")
     ap.add_argument("--cpus-per-shard", type=float, default=1.0)
+    ap.add_argument("--clinical-references", action="store_true",
+                    help="clinical: train on real anatomy: the metal-free slices become references and get metal "
+                         "from the simulator (default: the slices with metal, without references)")
     ap.add_argument("--skip-bad", action="store_true", help="clinical: skip unreadable or unusable inputs and "
                     "slices (NaN voxels, not CT, truncated, metal covering the body, ...), name them in skipped.json "
                     "instead of stopping at the first")
@@ -84,6 +87,7 @@ def options_from_args(a: argparse.Namespace) -> SourceOptions:
     return SourceOptions(source=a.source, geometry=a.geometry, root=a.root, layout=layout, anatomy=a.anatomy,
                          n_patients=a.n_patients, slices_per_patient=a.slices_per_patient, seed=a.seed,
                          simulation=a.simulation, phantom=getattr(a, "phantom", "ellipse"),
+                         clinical_references=bool(getattr(a, "clinical_references", False)),
                          test_split=test_split or None,
                          dicom_rescale=tuple(a.dicom_rescale) if getattr(a, "dicom_rescale", None) else None)
 

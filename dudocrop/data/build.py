@@ -80,6 +80,9 @@ class SourceOptions:
     seed: int = 0
     simulation: str = "aapm_like"  # a simulator settings preset
     phantom: str = "ellipse"  # synthetic clean slices: ellipse | patient (dudocrop.ct.patients.PHANTOM_STYLES)
+    # clinical: False, the slices with metal (no reference); True, the metal-free slices, each the reference of a
+    # simulated metal scan (issue 25: train on real anatomy)
+    clinical_references: bool = False
     metal_threshold_hu: float = clinical.METAL_THRESHOLD_HU
     trace_dilation: int = 0
     dicom_rescale: tuple[float, float] | None = None  # (slope, intercept) for DICOM slices without the tags
@@ -174,6 +177,9 @@ def _clinical_refs(opts: SourceOptions, skipped: list[dict] | None = None) -> li
         raise FileNotFoundError(f"no NIfTI files or DICOM folders under {root}")
     g = get_geometry(opts.geometry)
 
+    from dudocrop.ct.phantoms import body_mask
+    from dudocrop.pipeline.osro import MIN_REGION_PIXELS
+
     def bad(path: str, index: int | None, error: str) -> None:
         if skipped is None:
             raise ValueError(error if index is None else f"{path}: slice {index}: {error}")
@@ -189,6 +195,16 @@ def _clinical_refs(opts: SourceOptions, skipped: list[dict] | None = None) -> li
             bad(v, None, str(e))
             continue
         pid = os.path.relpath(v, root if os.path.isdir(root) else os.path.dirname(root))
+        if opts.clinical_references:
+            with_metal = set(clinical.slices_with_metal(vol, opts.metal_threshold_hu))
+            for s in range(vol.shape[0]):
+                if s in with_metal:
+                    continue
+                clean = clinical.resample_to_geometry(vol[s], spacing, g)
+                if int(body_mask(clean).sum()) < MIN_REGION_PIXELS:  # no patient in this slice
+                    continue
+                refs.append(CaseRef(f"{pid}/{s:04d}", pid, s, "clinical", opts.anatomy, v))
+            continue
         for s in clinical.slices_with_metal(vol, opts.metal_threshold_hu):
             x_ma, mask = _clinical_slice(vol, spacing, s, g, opts.metal_threshold_hu)
             why = region_problems(torch.from_numpy(x_ma)[None, None], torch.from_numpy(mask)[None, None], g)[0]
@@ -270,6 +286,13 @@ def build_record(ref: CaseRef, opts: SourceOptions, op: FanBeamOperator) -> dict
         if g.name in ("aapm_body", "aapm_head") and g.name != implied:
             raise ValueError(f"AAPM case {ref.case_id} is {rec['anatomy']} ({implied}), but this run writes "
                              f"geometry {g.name!r}: prepare body and head cases separately or with anatomy='mixed'")
+    elif ref.source == "clinical" and opts.clinical_references:
+        from dudocrop.data.synthetic import simulate_on
+
+        vol, spacing = _read_volume(ref.locator, opts.dicom_rescale)
+        clean = clinical.resample_to_geometry(vol[ref.slice_index], spacing, g)
+        kind = "head" if opts.anatomy == "head" else "body"
+        rec = simulate_on(clean, kind, op, _seed_for(ref, opts.seed), opts.simulation)
     elif ref.source == "clinical":
         vol, spacing = _read_volume(ref.locator, opts.dicom_rescale)
         x_ma, mask = _clinical_slice(vol, spacing, ref.slice_index, g, opts.metal_threshold_hu)

@@ -69,11 +69,22 @@ def simulate_slice(anatomy: str, op: FanBeamOperator, seed: int, simulation: str
     picks the clean slice: ``ellipse`` (:func:`dudocrop.ct.phantoms.random_phantom`) or ``patient``
     (:func:`dudocrop.ct.patients.patient_phantom`: organ texture, vessels, bowel, random contrast)."""
     g = op.geometry
-    cfg = metal_config_for(anatomy, g)  # first: it names a bad ``anatomy``
+    metal_config_for(anatomy, g)  # first: it names a bad ``anatomy``
     if style not in PHANTOM_STYLES:
         raise ValueError(f"style must be one of {PHANTOM_STYLES}, got {style!r}")
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5EED]))
     clean = phantom(style, anatomy, g, rng)
+    return simulate_on(clean, anatomy, op, seed, simulation, rng)
+
+
+def simulate_on(clean: np.ndarray, anatomy: str, op: FanBeamOperator, seed: int, simulation: str = "aapm_like",
+                rng: np.random.Generator | None = None) -> dict:
+    """A record from a given clean HU slice (a phantom, or a metal-free slice of a real scan, which then becomes
+    the reference): metal drawn from the anatomy's preset until its objects resolve, then simulated."""
+    g = op.geometry
+    cfg = metal_config_for(anatomy, g)
+    if rng is None:
+        rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5EED]))
     supersample = get_settings(simulation).metal_supersample
     for _ in range(MAX_METAL_DRAWS):
         objects = sample_metal(cfg, clean, g, rng)
