@@ -144,7 +144,7 @@ def _structures(img: np.ndarray, base: np.ndarray, lab: np.ndarray, kind: str, r
         return
     for p in _points_in(soft, g, rng, int(rng.integers(8, 30))):  # parenchymal vessels (enhanced or not)
         r = _u(rng, 1.0, 5.0)
-        _paint(img, Ellipse(p, (r, r * _u(rng, 0.5, 1.0)), _u(rng, 0, math.pi), float(base_at(base, p, g))
+        _paint(img, Ellipse(p, (r, r * _u(rng, 0.5, 1.0)), _u(rng, 0, math.pi), float(_base_at(base, p, g))
                             + _u(rng, -20, 180)), g, soft)
     for p in _points_in(lung, g, rng, int(rng.integers(20, 60))):  # pulmonary vessels
         r = _u(rng, 0.8, 3.5)
@@ -173,7 +173,7 @@ def _structures(img: np.ndarray, base: np.ndarray, lab: np.ndarray, kind: str, r
         _paint(img, Ellipse(p, (r, r), 0.0, _u(rng, 200, 700)), g, inner)
 
 
-def base_at(base: np.ndarray, p: tuple[float, float], g: FanBeamGeometry) -> float:
+def _base_at(base: np.ndarray, p: tuple[float, float], g: FanBeamGeometry) -> float:
     """The value of ``base`` at the pixel nearest to world point ``p`` (mm)."""
     xs, ys = g.pixel_centres
     c = int(np.clip(np.round((p[0] - xs[0]) / g.pixel_size), 0, xs.size - 1))
