@@ -36,6 +36,8 @@ class RunPreset:
     slices_per_patient: int = 2
     shard_slices: int = 8
     simulation: str = "aapm_like"
+    phantom: str = "ellipse"  # synthetic clean slices: ellipse | patient (issue 25: organ texture, vessels, bowel)
+    clinical_references: bool = False  # clinical: metal-free slices become references with simulated metal
     # AAPM (prepare_data.py): ``body``, ``head`` or ``mixed`` (both, each slice with its own FOV, paper §IV-A);
     # the regex whose group 1 is the patient id of a case id (splits are per patient); the test cases as a split
     # file (one case id per line) or a folder of the release's layout (paper: the official test sets)
@@ -83,6 +85,8 @@ class RunPreset:
             raise ValueError(f"RunPreset.eval_steps must be None or an int >= 1, got {self.eval_steps!r}")
         if not isinstance(self.fusion_points, int) or self.fusion_points < 2:
             raise ValueError(f"RunPreset.fusion_points must be an int >= 2, got {self.fusion_points!r}")
+        if self.phantom not in ("ellipse", "patient"):
+            raise ValueError(f"RunPreset.phantom must be 'ellipse' or 'patient', got {self.phantom!r}")
         if self.anatomy not in ("body", "head", "mixed"):
             raise ValueError(f"RunPreset.anatomy must be 'body', 'head' or 'mixed', got {self.anatomy!r}")
         if self.caption_engine not in ("template", "transformers", "vllm"):
@@ -137,7 +141,7 @@ RUN_PRESETS: dict[str, RunPreset] = {
     # paper's min-max took the image prior from 43.15 to 40.15 dB (NMAR: 42.12), the affine fit left it at 43.17
     # (bench/osro_norm.py).
     "small": RunPreset(
-        name="small", geometry="small", n_patients=80, slices_per_patient=2, shard_slices=16,
+        name="small", geometry="small", n_patients=80, slices_per_patient=2, shard_slices=16, phantom="patient",
         clip_set=("epochs=15",),
         image_set=("steps=1500", "parametrization=x0", "image_mu=nmar", "input_scale=20", "loss_region=body",
                    "sample_tile=64", "lr=1e-3", "loss_form=x0"),
@@ -150,7 +154,7 @@ RUN_PRESETS: dict[str, RunPreset] = {
     # presets replace by measured alternatives: the Euler-Maruyama reverse step of Eq. 5 ("sde", not the public
     # code's posterior step), no clipping of F̂_0, Eq. 11's min-max over the whole image (not the body region).
     "paper": RunPreset(
-        name="paper", source="aapm", geometry="aapm_body", anatomy="mixed", shard_slices=32,
+        name="paper", source="aapm", geometry="aapm_body", anatomy="mixed", shard_slices=32, phantom="patient",
         caption_engine="vllm", clip_preset="paper", sde_preset="paper", workers=1, gpu=True,
         sinogram_set=(f"steps={paper_steps('sinogram')}",), residual_set=(f"steps={paper_steps('residual')}",),
         guidance_ablation=True, eval_slices=PAPER_TEST_SLICES, eval_steps=None, sweeps="paper",

@@ -30,6 +30,7 @@ from dudocrop.classic.nmar import nmar
 from dudocrop.eval.report import PANEL_LEGEND, comparison_panel, score_rows, summarize, write_tables
 from dudocrop.eval.stream import RowWriter, run_isolated
 from dudocrop.eval.sweeps import make_sweeps, sweeps_pi
+from dudocrop.metrics.consistency import ConsistencyCheck
 from dudocrop.metrics.image import body_mask
 from dudocrop.metrics.lpips import LPIPSMetric, LPIPSUnavailable, backbone_note
 from dudocrop.pipeline.ablation import ROWS, TABLE_V, ablation_outputs
@@ -39,12 +40,13 @@ from dudocrop.train.rows import load_split
 
 COLUMNS = ["case_id", "geometry", "X_ma", "X_ref", "Y_ma", "metal_mask", "metal_trace"]
 #: columns of the Fig. 9-like panel (baselines vs DuDoCROP) and the Fig. 13-like panel (DuDoCROP's modules).
-FIG9 = ("uncorrected", "LI", "NMAR", "dudocrop")
+FIG9 = ("uncorrected", "LI", "NMAR", "dudocrop", "dudocrop_safeguard")
 FIG13 = ("image_norm", "sino_fidelity", "refine_norm", "dudocrop")
 LABELS = {"uncorrected": "Uncorrected", "LI": "LI", "NMAR": "NMAR", **{r.name: r.label for r in TABLE_V}}
 #: short column titles for the panels (Fig. 13's (a)-(d)).
 PANEL_TITLES = {"uncorrected": "Uncorrected", "LI": "LI", "NMAR": "NMAR", "image_norm": "Image prior",
-                "sino_fidelity": "Sinogram prior", "refine_norm": "Residual refined", "dudocrop": "DuDoCROP"}
+                "sino_fidelity": "Sinogram prior", "refine_norm": "Residual refined", "dudocrop": "DuDoCROP",
+                "dudocrop_safeguard": "DuDoCROP + safeguard"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -165,10 +167,13 @@ def run(a: argparse.Namespace) -> dict:
             s = {k: v[js] for k, v in t.items()}
             outs, secs = restore(gmodel, s["X_ma"], s["Y_ma"], s["metal_mask"], s["metal_trace"] > 0, cfg, gbase)
             roi = body_mask(s["X_ref"])
+            # measured-data consistency of every method's image against NMAR's (issue 25 §2)
+            chk = ConsistencyCheck.build(outs["NMAR"], s["Y_ma"], s["metal_trace"], gmodel.op, s["metal_mask"])
+            r_nmar = chk.size(chk.residual(outs["NMAR"]))
             new = []
             for name, x in outs.items():
                 new += score_rows(name, dataset, [ids[j] for j in js], x, s["X_ref"], s["metal_mask"], secs[name],
-                                  lp, roi)
+                                  lp, roi, consistency=chk.score(x, r_nmar))
             return outs, s, new
 
         for js, res, err in run_isolated(evaluate_slices, [j for j, why in enumerate(problems) if why is None]):

@@ -54,6 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--n-patients", type=int, default=8, help="synthetic: number of phantom patients")
     ap.add_argument("--slices-per-patient", type=int, default=2, help="synthetic: slices per patient")
     ap.add_argument("--simulation", default="aapm_like", help="synthetic: simulator settings preset")
+    ap.add_argument("--phantom", choices=["ellipse", "patient"], default="ellipse",
+                    help="synthetic: clean slices from smooth ellipse phantoms or patient-like ones (organ texture, "
+                         "vessels, bowel, random contrast; dudocrop.ct.patients)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shard-slices", type=int, default=8, help="slices per shard (bounds shard size)")
     ap.add_argument("--val-fraction", type=float, default=0.1)
@@ -61,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--address", default=None, help="Ray address (default: join a cluster if one runs, "
                                                     "else start a local one)")
     ap.add_argument("--cpus-per-shard", type=float, default=1.0)
+    ap.add_argument("--clinical-references", action="store_true",
+                    help="clinical: train on real anatomy: the metal-free slices become references and get metal "
+                         "from the simulator (default: the slices with metal, without references)")
     ap.add_argument("--skip-bad", action="store_true", help="clinical: skip unreadable or unusable inputs and "
                     "slices (NaN voxels, not CT, truncated, metal covering the body, ...), name them in skipped.json "
                     "instead of stopping at the first")
@@ -80,7 +86,9 @@ def options_from_args(a: argparse.Namespace) -> SourceOptions:
     test_split = getattr(a, "test_split", None)
     return SourceOptions(source=a.source, geometry=a.geometry, root=a.root, layout=layout, anatomy=a.anatomy,
                          n_patients=a.n_patients, slices_per_patient=a.slices_per_patient, seed=a.seed,
-                         simulation=a.simulation, test_split=test_split or None,
+                         simulation=a.simulation, phantom=getattr(a, "phantom", "ellipse"),
+                         clinical_references=bool(getattr(a, "clinical_references", False)),
+                         test_split=test_split or None,
                          dicom_rescale=tuple(a.dicom_rescale) if getattr(a, "dicom_rescale", None) else None)
 
 

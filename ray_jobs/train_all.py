@@ -94,6 +94,8 @@ def stage_argv(p: RunPreset, out: str, root: str | None) -> dict[str, list[str]]
     prep = ["--source", p.source, "--geometry", p.geometry, "--out", data, "--n-patients", str(p.n_patients),
             "--slices-per-patient", str(p.slices_per_patient), "--shard-slices", str(p.shard_slices),
             "--simulation", p.simulation]
+    prep += ["--phantom", p.phantom] if p.source == "synthetic" and p.phantom != "ellipse" else []
+    prep += ["--clinical-references"] if p.source == "clinical" and p.clinical_references else []
     if root:
         prep += ["--root", root]
     if p.source == "aapm":

@@ -338,3 +338,33 @@ def replace_opts(opts, **kw):
     from dataclasses import replace
 
     return replace(opts, **kw)
+
+
+def test_clinical_metal_free_slices_become_references_with_simulated_metal(tmp_path):
+    """Issue 25 §1: a user with real scans trains on them: the metal-free slices are references, the simulator
+    adds the metal (the slice with real metal, which has no reference, is left out)."""
+    import nibabel as nib
+
+    vol = np.full((64, 64, 3), -1000.0, np.float32)
+    yy, xx = np.mgrid[:64, :64]
+    vol[(xx - 32) ** 2 + (yy - 32) ** 2 < 25**2] = 30.0
+    vol[(xx - 40) ** 2 + (yy - 28) ** 2 < 6**2] = 600.0  # a bone
+    vol[30:33, 30:33, 1] = 3500.0  # real metal in slice 1
+    nib.save(nib.Nifti1Image(vol, np.diag([5.0, 5.0, 3.0, 1.0])), tmp_path / "p1.nii.gz")
+    opts = SourceOptions(source="clinical", geometry="tiny", root=str(tmp_path), clinical_references=True)
+    refs = list_case_refs(opts)
+    assert [r.slice_index for r in refs] == [0, 2]
+    info = build_shard(plan_shards(refs, 4, 0.0, 0.0)[0], opts, str(tmp_path / "out"))
+    recs = list(iter_records(pq.read_table(tmp_path / "out" / info.name)))
+    assert len(recs) == 2
+    for rec in recs:
+        assert rec["source"] == "clinical" and rec["X_ref"] is not None and rec["Y_ref"] is not None
+        assert rec["metal_count"] >= 1 and rec["metal_trace"].any()
+        body = rec["X_ref"] > -400
+        assert abs(np.median(rec["X_ref"][body]) - 30.0) < 40  # the scan's own tissue is the reference
+        out = rec["metal_mask"] < 0.5
+        assert np.sqrt(np.mean((rec["X_ma"] - rec["X_ref"])[out & body] ** 2)) > 20  # metal streaks
+    from ray_jobs import prepare_data
+
+    a = prepare_data.parse_args(["--source", "clinical", "--root", str(tmp_path), "--clinical-references"])
+    assert prepare_data.options_from_args(a).clinical_references

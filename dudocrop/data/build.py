@@ -18,6 +18,7 @@ import torch
 
 from dudocrop.ct.geometry import FanBeamGeometry, get_geometry
 from dudocrop.ct.operators import FanBeamOperator
+from dudocrop.ct.patients import PHANTOM_STYLES
 from dudocrop.ct.trace import metal_trace
 from dudocrop.ct.units import hu_to_mu
 from dudocrop.data import aapm, clinical
@@ -78,6 +79,10 @@ class SourceOptions:
     slices_per_patient: int = 2
     seed: int = 0
     simulation: str = "aapm_like"  # a simulator settings preset
+    phantom: str = "ellipse"  # synthetic clean slices: ellipse | patient (dudocrop.ct.patients.PHANTOM_STYLES)
+    # clinical: False, the slices with metal (no reference); True, the metal-free slices, each the reference of a
+    # simulated metal scan (issue 25: train on real anatomy)
+    clinical_references: bool = False
     metal_threshold_hu: float = clinical.METAL_THRESHOLD_HU
     trace_dilation: int = 0
     dicom_rescale: tuple[float, float] | None = None  # (slope, intercept) for DICOM slices without the tags
@@ -92,6 +97,8 @@ class SourceOptions:
             raise ValueError(f"anatomy must be 'body', 'head' or 'mixed', got {self.anatomy!r}")
         if self.anatomy == "mixed" and self.source != "aapm":
             raise ValueError(f"anatomy='mixed' reads AAPM body and head cases; source={self.source!r} has one anatomy")
+        if self.phantom not in PHANTOM_STYLES:
+            raise ValueError(f"phantom must be one of {PHANTOM_STYLES}, got {self.phantom!r}")
         if self.test_split is not None and self.source != "aapm":
             raise ValueError(f"test_split names AAPM cases; source={self.source!r} splits by patient hash")
 
@@ -170,6 +177,9 @@ def _clinical_refs(opts: SourceOptions, skipped: list[dict] | None = None) -> li
         raise FileNotFoundError(f"no NIfTI files or DICOM folders under {root}")
     g = get_geometry(opts.geometry)
 
+    from dudocrop.ct.phantoms import body_mask
+    from dudocrop.pipeline.osro import MIN_REGION_PIXELS
+
     def bad(path: str, index: int | None, error: str) -> None:
         if skipped is None:
             raise ValueError(error if index is None else f"{path}: slice {index}: {error}")
@@ -185,6 +195,16 @@ def _clinical_refs(opts: SourceOptions, skipped: list[dict] | None = None) -> li
             bad(v, None, str(e))
             continue
         pid = os.path.relpath(v, root if os.path.isdir(root) else os.path.dirname(root))
+        if opts.clinical_references:
+            with_metal = set(clinical.slices_with_metal(vol, opts.metal_threshold_hu))
+            for s in range(vol.shape[0]):
+                if s in with_metal:
+                    continue
+                clean = clinical.resample_to_geometry(vol[s], spacing, g)
+                if int(body_mask(clean).sum()) < MIN_REGION_PIXELS:  # no patient in this slice
+                    continue
+                refs.append(CaseRef(f"{pid}/{s:04d}", pid, s, "clinical", opts.anatomy, v))
+            continue
         for s in clinical.slices_with_metal(vol, opts.metal_threshold_hu):
             x_ma, mask = _clinical_slice(vol, spacing, s, g, opts.metal_threshold_hu)
             why = region_problems(torch.from_numpy(x_ma)[None, None], torch.from_numpy(mask)[None, None], g)[0]
@@ -266,6 +286,13 @@ def build_record(ref: CaseRef, opts: SourceOptions, op: FanBeamOperator) -> dict
         if g.name in ("aapm_body", "aapm_head") and g.name != implied:
             raise ValueError(f"AAPM case {ref.case_id} is {rec['anatomy']} ({implied}), but this run writes "
                              f"geometry {g.name!r}: prepare body and head cases separately or with anatomy='mixed'")
+    elif ref.source == "clinical" and opts.clinical_references:
+        from dudocrop.data.synthetic import simulate_on
+
+        vol, spacing = _read_volume(ref.locator, opts.dicom_rescale)
+        clean = clinical.resample_to_geometry(vol[ref.slice_index], spacing, g)
+        kind = "head" if opts.anatomy == "head" else "body"
+        rec = simulate_on(clean, kind, op, _seed_for(ref, opts.seed), opts.simulation)
     elif ref.source == "clinical":
         vol, spacing = _read_volume(ref.locator, opts.dicom_rescale)
         x_ma, mask = _clinical_slice(vol, spacing, ref.slice_index, g, opts.metal_threshold_hu)
@@ -285,7 +312,7 @@ def build_record(ref: CaseRef, opts: SourceOptions, op: FanBeamOperator) -> dict
 def _simulate_record(ref: CaseRef, opts: SourceOptions, op: FanBeamOperator) -> dict:
     from dudocrop.data.synthetic import simulate_slice
 
-    return simulate_slice(ref.anatomy, op, _seed_for(ref, opts.seed), opts.simulation)
+    return simulate_slice(ref.anatomy, op, _seed_for(ref, opts.seed), opts.simulation, opts.phantom)
 
 
 def build_shard(spec: ShardSpec, opts: SourceOptions, out_dir: str, backend: str = "auto") -> ShardInfo:

@@ -19,7 +19,8 @@ import numpy as np
 from dudocrop.ct.geometry import FanBeamGeometry
 from dudocrop.ct.metal import MetalConfig, MetalObject, get_metal_config, rasterize_metal, sample_metal
 from dudocrop.ct.operators import FanBeamOperator
-from dudocrop.ct.phantoms import ANATOMY_KINDS, random_phantom
+from dudocrop.ct.patients import PHANTOM_STYLES, phantom
+from dudocrop.ct.phantoms import ANATOMY_KINDS
 from dudocrop.ct.simulate import get_settings, simulate
 from dudocrop.data.aapm import label_metal
 
@@ -62,12 +63,28 @@ def resolved(objects: tuple[MetalObject, ...], geometry: FanBeamGeometry, supers
     return len(owners) == len(objects)
 
 
-def simulate_slice(anatomy: str, op: FanBeamOperator, seed: int, simulation: str = "aapm_like") -> dict:
-    """One synthetic slice record (schema arrays + metal descriptors), reproducible from ``seed``."""
+def simulate_slice(anatomy: str, op: FanBeamOperator, seed: int, simulation: str = "aapm_like",
+                   style: str = "ellipse") -> dict:
+    """One synthetic slice record (schema arrays + metal descriptors), reproducible from ``seed``. ``style``
+    picks the clean slice: ``ellipse`` (:func:`dudocrop.ct.phantoms.random_phantom`) or ``patient``
+    (:func:`dudocrop.ct.patients.patient_phantom`: organ texture, vessels, bowel, random contrast)."""
     g = op.geometry
-    cfg = metal_config_for(anatomy, g)  # first: it names a bad ``anatomy``
+    metal_config_for(anatomy, g)  # first: it names a bad ``anatomy``
+    if style not in PHANTOM_STYLES:
+        raise ValueError(f"style must be one of {PHANTOM_STYLES}, got {style!r}")
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5EED]))
-    clean = random_phantom(anatomy, g, rng)
+    clean = phantom(style, anatomy, g, rng)
+    return simulate_on(clean, anatomy, op, seed, simulation, rng)
+
+
+def simulate_on(clean: np.ndarray, anatomy: str, op: FanBeamOperator, seed: int, simulation: str = "aapm_like",
+                rng: np.random.Generator | None = None) -> dict:
+    """A record from a given clean HU slice (a phantom, or a metal-free slice of a real scan, which then becomes
+    the reference): metal drawn from the anatomy's preset until its objects resolve, then simulated."""
+    g = op.geometry
+    cfg = metal_config_for(anatomy, g)
+    if rng is None:
+        rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5EED]))
     supersample = get_settings(simulation).metal_supersample
     for _ in range(MAX_METAL_DRAWS):
         objects = sample_metal(cfg, clean, g, rng)

@@ -38,6 +38,9 @@ __all__ = ["PANEL_LEGEND", "ROW_FIELDS", "Stat", "SummaryRow", "comparison_panel
 
 #: The fields of a per-slice result row.
 ROW_FIELDS = ("method", "dataset", "case_id", "psnr", "ssim", "lpips", "seconds")
+#: Optional fields of a row: RMSE in HU and the measured-data consistency score (dudocrop.metrics.consistency,
+#: against NMAR's image: about 1 for an image the measured rays support); a column appears when a group has them.
+OPTIONAL_FIELDS = ("rmse", "consistency")
 UNAVAILABLE = "unavailable"
 #: What the numbers under each panel image are (the paper's figure captions say the same).
 PANEL_LEGEND = "PSNR (dB) / SSIM / LPIPS×100 (LPIPS only when the AlexNet backbone is available)"
@@ -76,6 +79,8 @@ class SummaryRow:
     seconds: Stat
     pi_q: float | None | str = NOT_EVALUATED
     pi_s: float | None | str = NOT_EVALUATED
+    rmse: Stat | None = None
+    consistency: Stat | None = None
 
 
 def _num(v, name: str, i: int, *, allow_inf: bool = False, lo: float | None = None) -> float:
@@ -112,6 +117,7 @@ def _check_rows(rows) -> list[dict]:
             "psnr": _num(r["psnr"], "psnr", i, allow_inf=True), "ssim": _num(r["ssim"], "ssim", i),
             "lpips": None if r["lpips"] is None else _num(r["lpips"], "lpips", i, lo=0.0),
             "seconds": _num(r["seconds"], "seconds", i, lo=0.0),
+            **{f: _num(r[f], f, i, lo=0.0) for f in OPTIONAL_FIELDS if r.get(f) is not None},
         })
     return out
 
@@ -149,17 +155,20 @@ def summarize(rows: Sequence[Mapping], pi: Mapping[tuple[str, str], Mapping[str,
         out.append(SummaryRow(
             ds, m, len(g), Stat.of([r["psnr"] for r in g]), Stat.of([r["ssim"] for r in g]),
             None if lp[0] is None else Stat.of(lp), Stat.of([r["seconds"] for r in g]),
-            _pi_value(pi, (ds, m), "pi_q"), _pi_value(pi, (ds, m), "pi_s")))
+            _pi_value(pi, (ds, m), "pi_q"), _pi_value(pi, (ds, m), "pi_s"),
+            *(Stat.of([r[f] for r in g]) if all(f in r for r in g) else None for f in OPTIONAL_FIELDS)))
     return out
 
 
 def score_rows(method: str, dataset: str, case_ids: Sequence, x, ref, metal_mask=None, seconds=0.0,
-               lpips: Callable | None = None, roi=None, window: tuple[float, float] = CT_RANGE_HU) -> list[dict]:
+               lpips: Callable | None = None, roi=None, window: tuple[float, float] = CT_RANGE_HU,
+               consistency=None) -> list[dict]:
     """Per-slice rows for :func:`summarize` from a batch: ``x`` the method's (N, 1, H, W) HU output, ``ref`` the
     metal-free reference, PSNR / SSIM by ``metrics.image_metrics`` in ``window`` outside ``metal_mask`` (inside
     ``roi``), LPIPS by ``lpips`` (e.g. ``metrics.LPIPSMetric()``; None: unavailable) on the same pixels: its mask
     argument (pixels of ``x`` that take the reference's values) is the metal plus everything outside ``roi``;
-    ``seconds`` per slice, one number for all or one per slice."""
+    ``seconds`` per slice, one number for all or one per slice. Rows also hold ``rmse`` (HU, unclipped, same
+    pixels) and, when given (one per slice), the ``consistency`` scores."""
     if not (isinstance(method, str) and method and isinstance(dataset, str) and dataset):
         raise ValueError(f"method and dataset must be non-empty str, got {method!r} and {dataset!r}")
     m = image_metrics(x, ref, metal_mask, roi, window)
@@ -174,8 +183,12 @@ def score_rows(method: str, dataset: str, case_ids: Sequence, x, ref, metal_mask
         out_roi = ~torch.as_tensor(roi, device=x.device).bool().expand_as(x)
         outside = out_roi if metal_mask is None else (torch.as_tensor(metal_mask, device=x.device) > 0) | out_roi
     lp = None if lpips is None else torch.as_tensor(lpips(x, ref, outside)).reshape(-1).tolist()
+    cons = None if consistency is None else torch.as_tensor(consistency).reshape(-1).tolist()
+    if cons is not None and len(cons) != n:
+        raise ValueError(f"consistency must hold one score per slice ({n}), got {len(cons)}")
     return [{"method": method, "dataset": dataset, "case_id": str(case_ids[i]), "psnr": float(m["psnr"][i]),
-             "ssim": float(m["ssim"][i]), "lpips": None if lp is None else float(lp[i]), "seconds": float(secs[i])}
+             "ssim": float(m["ssim"][i]), "lpips": None if lp is None else float(lp[i]), "seconds": float(secs[i]),
+             "rmse": float(m["rmse"][i]), **({} if cons is None else {"consistency": float(cons[i])})}
             for i in range(n)]
 
 
@@ -236,6 +249,8 @@ def format_markdown(summary: Sequence[SummaryRow], title: str | None = None, not
     best = _best(summary)
     pi = _has_pi(summary)
     head = ["Dataset", "Method", "n", "PSNR (dB) ↑", "SSIM ↑", "LPIPS×100 ↓", "s / slice"]
+    extra = [f for f in OPTIONAL_FIELDS if any(getattr(r, f) is not None for r in summary)]
+    head += [{"rmse": "RMSE (HU) ↓", "consistency": "Consistency (NMAR = 1)"}[f] for f in extra]
     if pi:
         head += ["PI_q ↓", "PI_s ↓"]
     lines = [line for p in preamble for line in (p, "")]
@@ -251,6 +266,8 @@ def format_markdown(summary: Sequence[SummaryRow], title: str | None = None, not
                  b(_fmt_stat(r.ssim, _DIGITS["ssim"]), r, "ssim"),
                  b(_fmt_stat(r.lpips, _DIGITS["lpips"], LPIPS_SCALE), r, "lpips"),
                  _fmt_stat(r.seconds, _DIGITS["seconds"])]
+        cells += [_fmt_stat(getattr(r, f), 1 if f == "rmse" else 2) if getattr(r, f) is not None else NOT_EVALUATED
+                  for f in extra]
         if pi:
             cells += [b(_fmt_pi(r.pi_q), r, "pi_q"), b(_fmt_pi(r.pi_s), r, "pi_s")]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
@@ -261,7 +278,8 @@ def format_markdown(summary: Sequence[SummaryRow], title: str | None = None, not
 
 
 CSV_FIELDS = ("dataset", "method", "n", "psnr_mean", "psnr_sd", "ssim_mean", "ssim_sd", "lpips_x100_mean",
-              "lpips_x100_sd", "seconds_mean", "seconds_sd", "pi_q", "pi_s")
+              "lpips_x100_sd", "seconds_mean", "seconds_sd", "pi_q", "pi_s", "rmse_mean", "rmse_sd",
+              "consistency_mean", "consistency_sd")
 
 
 def format_csv(summary: Sequence[SummaryRow]) -> str:
@@ -277,8 +295,10 @@ def format_csv(summary: Sequence[SummaryRow]) -> str:
         lp = [UNAVAILABLE, UNAVAILABLE] if r.lpips is None else [repr(r.lpips.mean * LPIPS_SCALE),
                                                                    sd(r.lpips, LPIPS_SCALE)]
         pis = [UNAVAILABLE if v is None else ("" if v == NOT_EVALUATED else repr(v)) for v in (r.pi_q, r.pi_s)]
+        opt = [v for f in OPTIONAL_FIELDS for v in ((repr(getattr(r, f).mean), sd(getattr(r, f)))
+                                                      if getattr(r, f) is not None else ("", ""))]
         w.writerow([r.dataset, r.method, r.n, repr(r.psnr.mean), sd(r.psnr), repr(r.ssim.mean), sd(r.ssim), *lp,
-                    repr(r.seconds.mean), sd(r.seconds), *pis])
+                    repr(r.seconds.mean), sd(r.seconds), *pis, *opt])
     return buf.getvalue()
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from dudocrop.pipeline.osro import OSROConfig, fuse, osro
+from dudocrop.pipeline.osro import DEFAULT_SAFEGUARD, OSROConfig, guarded_fuse, osro
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ class AblationRow:
     residual_refine: bool = True
     fusion: bool = True
     norm: str | None = None  # OSROConfig.norm for this row; None: the pipeline's own
+    safeguard: bool = False  # beyond the paper: Eq. 15 under the measured-data safeguard (OSROConfig.safeguard)
 
 
 TABLE_V: tuple[AblationRow, ...] = (
@@ -41,13 +42,18 @@ TABLE_V: tuple[AblationRow, ...] = (
     # affine one (OSROConfig.norm), with the same models and factors
     AblationRow("dudocrop_minmax", "DuDoCROP with Eq. 11's min-max Norm (same models, k, α, β)", "dual",
                 norm="minmax"),
+    # not in Table V (issue 25 §2): the full pipeline with the measured-data safeguard (the pipeline's bound, or
+    # osro.DEFAULT_SAFEGUARD); the "dudocrop" row above is always without it
+    AblationRow("dudocrop_safeguard", "DuDoCROP with the measured-data safeguard (beyond the paper)", "dual",
+                safeguard=True),
 )
 ROWS = {r.name: r for r in TABLE_V}
 
 
 def row_config(row: AblationRow, base: OSROConfig) -> OSROConfig:
     return replace(base, normalize=row.normalize, fidelity=row.fidelity, residual_refine=row.residual_refine,
-                   fusion=row.fusion, norm=row.norm or base.norm)
+                   fusion=row.fusion, norm=row.norm or base.norm,
+                   safeguard=(base.safeguard or DEFAULT_SAFEGUARD) if row.safeguard else None)
 
 
 @torch.no_grad()
@@ -64,7 +70,7 @@ def ablation_outputs(model, x_ma_hu: torch.Tensor, y_ma: torch.Tensor, metal_mas
         key = (cfg.normalize, cfg.norm)
         if key not in full:
             full[key] = osro(x_prior, y_prior, y_unit, trace, model.fbp_unit, model.refine if has_refiner else None,
-                             region, replace(cfg, fidelity=True, residual_refine=has_refiner))
+                             region, replace(cfg, fidelity=True, residual_refine=has_refiner, safeguard=None))
         return full[key]
 
     out = {}
@@ -79,6 +85,8 @@ def ablation_outputs(model, x_ma_hu: torch.Tensor, y_ma: torch.Tensor, metal_mas
         if row.residual_refine and not has_refiner:
             continue  # no residual model trained: the refining rows are absent, not faked
         res = run_osro(cfg)
-        _, x_o = fuse(res.X_p, res.X_p_prime, res.X_r_hat if row.residual_refine else None, region, cfg)
+        guard = model.guard(x_ma_hu, y_ma, metal_mask, trace) if cfg.safeguard is not None else None
+        _, x_o, _, _ = guarded_fuse(res.X_p, res.X_p_prime, res.X_r_hat if row.residual_refine else None, region,
+                                    cfg, guard)
         out[row.name] = model.to_hu(x_o, x_ma_hu, metal_mask)
     return out

@@ -35,6 +35,7 @@ from dudocrop.pipeline.osro import (  # noqa: F401 - osro_region is imported fro
     OSROResult,
     check_osro_region,
     fuse,
+    guarded_fuse,
     osro,
     osro_region,
     sinogram_prior,
@@ -310,9 +311,20 @@ class DuDoCROP:
         else:
             region = self.region(x_ma_hu, metal_mask)
             refine = self.refine if self.models["residual"] is not None else None
-            res = osro(x_prior, y_prior, self.norm.sino(y_ma), trace, self.fbp_unit, refine, region, cfg)
+            guard = self.guard(x_ma_hu, y_ma, metal_mask, trace) if cfg.safeguard is not None else None
+            res = osro(x_prior, y_prior, self.norm.sino(y_ma), trace, self.fbp_unit, refine, region, cfg, guard)
             x_o = res.X_o
         return self.to_hu(x_o, x_ma_hu, metal_mask), res
+
+    def guard(self, x_ma_hu: torch.Tensor, y_ma: torch.Tensor, metal_mask: torch.Tensor, trace: torch.Tensor):
+        """The measured-data consistency check (``dudocrop.metrics.consistency``) of these slices, on the pipeline's
+        normalised image units: what ``OSROConfig.safeguard`` needs. The body is X_ma's with the metal read as
+        water."""
+        from dudocrop.metrics.consistency import ConsistencyCheck
+
+        ref = torch.where(metal_mask > 0, torch.zeros_like(x_ma_hu), x_ma_hu)
+        return ConsistencyCheck.build(ref, y_ma, trace.to(torch.float32), self.op, metal_mask,
+                                      to_hu=self.norm.image_to_hu)
 
     def to_hu(self, x_unit: torch.Tensor, x_ma_hu: torch.Tensor, metal_mask: torch.Tensor) -> torch.Tensor:
         """Normalised attenuation -> HU, with the metal of X_ma reinserted."""
@@ -320,10 +332,16 @@ class DuDoCROP:
 
     @torch.no_grad()
     def refuse(self, priors: OSROResult, x_ma_hu: torch.Tensor, metal_mask: torch.Tensor,
-               cfg: OSROConfig) -> torch.Tensor:
-        """Eq. 13-15 again from cached priors with other (k, α, β): X_o in HU (the Ray Tune fusion sweep)."""
+               cfg: OSROConfig, y_ma: torch.Tensor | None = None, trace: torch.Tensor | None = None) -> torch.Tensor:
+        """Eq. 13-15 again from cached priors with other (k, α, β): X_o in HU (the Ray Tune fusion sweep). With
+        ``cfg.safeguard`` the measurement (``y_ma``, line integrals, and the ``trace``) is needed too."""
         region = self.region(x_ma_hu, metal_mask)
-        _, x_o = fuse(priors.X_p, priors.X_p_prime, priors.X_r_hat, region, cfg)
+        guard = None
+        if cfg.safeguard is not None and cfg.fusion:
+            if y_ma is None or trace is None:
+                raise ValueError("refuse with OSROConfig.safeguard needs y_ma and trace (the measured-data check)")
+            guard = self.guard(x_ma_hu, y_ma, metal_mask, trace)
+        _, x_o, _, _ = guarded_fuse(priors.X_p, priors.X_p_prime, priors.X_r_hat, region, cfg, guard)
         return self.to_hu(x_o, x_ma_hu, metal_mask)
 
 
