@@ -40,6 +40,9 @@ REMOTE_ONLY = ("data", "ray_train", "tune")
 #: the active mirrors of this process: local root -> URI (so :func:`remote_path` maps a stage's local path).
 _mirrors: dict[str, str] = {}
 _objects: dict[str, Mirror] = {}  # URI -> the active Mirror (for publish)
+#: the mirror's index on the bucket: each file's local modification time (an object's own time is its upload's,
+#: to the second), so a pull restores the times train_all orders its stage markers by.
+TIMES = ".mirror-times.json"
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -65,7 +68,7 @@ def _remote_only(rel: str) -> bool:
     """Not mirrored: under a :data:`REMOTE_ONLY` folder, a lock object or file, or a temporary."""
     name = rel.rsplit("/", 1)[-1]
     return (any(part in REMOTE_ONLY for part in rel.split("/")) or name.startswith(".dudocrop.lock")
-            or name.endswith(".tmp"))
+            or name.endswith(".tmp") or rel == TIMES)
 
 
 class Mirror:
@@ -98,6 +101,11 @@ class Mirror:
         times (train_all orders its markers by them); returns the number of files fetched."""
         with self._mutex:
             remote = self._remote_files()
+            try:
+                with self.fs.open_input_stream(f"{self.root}/{TIMES}") as f:
+                    times = json.loads(f.read())
+            except (FileNotFoundError, OSError, ValueError):
+                times = {}
             if os.path.isdir(self.local):
                 shutil.rmtree(self.local)
             os.makedirs(self.local, exist_ok=True)
@@ -107,8 +115,9 @@ class Mirror:
                 os.makedirs(os.path.dirname(dst), exist_ok=True)
                 with self.fs.open_input_stream(info.path) as src, open(dst, "wb") as f:
                     shutil.copyfileobj(src, f, 1 << 22)
-                if info.mtime_ns is not None:
-                    os.utime(dst, ns=(info.mtime_ns, info.mtime_ns))
+                mtime = times.get(rel, info.mtime_ns)
+                if mtime is not None:
+                    os.utime(dst, ns=(int(mtime), int(mtime)))
                 st = os.stat(dst)
                 self._synced[rel] = (st.st_size, st.st_mtime_ns)
             _mirrors[self.local] = self.uri
@@ -130,15 +139,20 @@ class Mirror:
                     st = os.stat(path)
                     if self._synced.get(rel) == (st.st_size, st.st_mtime_ns):
                         continue
-                    self.fs.create_dir(f"{self.root}/{os.path.dirname(rel)}".rstrip("/"), recursive=True)
+                    if not isinstance(self.fs, pafs.S3FileSystem):  # S3 has no folders (pyarrow would add markers)
+                        self.fs.create_dir(f"{self.root}/{os.path.dirname(rel)}".rstrip("/"), recursive=True)
                     with open(path, "rb") as src, self.fs.open_output_stream(f"{self.root}/{rel}") as dst:
                         shutil.copyfileobj(src, dst, 1 << 22)
                     self._synced[rel] = (st.st_size, st.st_mtime_ns)
                     sent += 1
-            for rel in sorted(set(self._synced) - seen):
+            gone = sorted(set(self._synced) - seen)
+            for rel in gone:
                 with contextlib.suppress(FileNotFoundError):
                     self.fs.delete_file(f"{self.root}/{rel}")
                 del self._synced[rel]
+            if sent or gone:
+                with self.fs.open_output_stream(f"{self.root}/{TIMES}") as f:
+                    f.write(json.dumps({k: v[1] for k, v in sorted(self._synced.items())}).encode())
             return sent
 
     def delete_remote(self, rel: str) -> None:
