@@ -66,12 +66,18 @@ class Node:
     machine that goes away)."""
 
     def __init__(self, args: list[str], env: dict, port: int):
-        self.tmp = tempfile.mkdtemp(prefix="rn", dir="/tmp")
+        self.tmp = tempfile.mkdtemp(prefix="ddcnode", dir="/tmp")
         self.port = port
+        # every per-node port of its own: two nodes (and other Ray clusters) on one host collide on the defaults
+        ports = [w for flag in ("--object-manager-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                                "--runtime-env-agent-port", "--metrics-export-port") for w in (flag, str(_free_port()))]
         r = subprocess.run([RAY, "start", *args, "--temp-dir", self.tmp, "--node-ip-address", "127.0.0.1",
-                            "--node-manager-port", str(port), "--disable-usage-stats"],
-                           env=env, capture_output=True, text=True, timeout=180)
-        assert r.returncode == 0, r.stdout + r.stderr
+                            "--node-manager-port", str(port), *ports, "--disable-usage-stats"],
+                           env=env, capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            self.kill()
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise RuntimeError(f"ray start {' '.join(args)} failed: {r.stdout[-2000:]}{r.stderr[-3000:]}")
 
     def pids(self) -> list[int]:
         # the node's daemons name its temp dir; its worker processes are children of its raylet
@@ -95,13 +101,16 @@ class Node:
 
 @pytest.fixture
 def cluster(s3_server):
-    env = {**os.environ, **s3_server, "RAY_AUTH_MODE": "disabled"}
+    # a loaded 2-core machine starts a node's agents slowly: give them minutes, not Ray's default seconds
+    env = {**os.environ, **s3_server, "RAY_AUTH_MODE": "disabled", "RAY_agent_register_timeout_ms": "300000"}
     env.pop("RAY_ADDRESS", None)
     gcs, dash = _free_port(), _free_port()
     nodes = []
     try:
-        nodes.append(Node(["--head", "--num-cpus=0", "--num-gpus=0", "--port", str(gcs), "--dashboard-host",
-                           "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard=true"], env, _free_port()))
+        head = ["--head", "--num-cpus=0", "--num-gpus=0", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
+                "--dashboard-port", str(dash), "--include-dashboard=true",
+                "--ray-client-server-port", str(_free_port())]
+        nodes.append(Node(head, env, _free_port()))
 
         def add_worker() -> Node:
             node = Node(["--address", f"127.0.0.1:{gcs}", "--num-cpus=2", "--resources", '{"worker_node": 1}'],
@@ -125,6 +134,7 @@ def _job_logs(dashboard: str, job: str, env: dict) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_train_all_job_on_two_nodes_survives_losing_the_worker_node(cluster, s3_bucket, s3_server):
     from ray.job_submission import JobStatus, JobSubmissionClient
     from test_train_all import SMALLEST
