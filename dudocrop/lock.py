@@ -7,8 +7,8 @@ fails with :class:`FolderLockedError` naming the holder. A lock whose holder was
 running (killed, crashed; its pid gone or reused by a process started later) is stale and taken over, so a
 SIGKILLed run is simply re-run. A holder on another host cannot be checked from here: the error says which file to
 remove once that run is known to be gone. The lock is re-entrant within one process (``train_all`` holds ``out``
-while its stages lock ``out/models``, and the two stage-2 fits share ``out/models`` from two threads). Remote
-URIs (``s3://``) are not locked: object stores have no exclusive create.
+while its stages lock ``out/models``, and the two stage-2 fits share ``out/models`` from two threads). An
+``s3://`` folder is locked by a conditional create of the same object (:func:`dudocrop.storage.remote_lock`).
 """
 
 from __future__ import annotations
@@ -127,10 +127,13 @@ def _acquire(folder: str, path: str, command: str) -> None:
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike, command: str | None = None) -> Iterator[str | None]:
     """Hold ``folder``'s lock for the ``with`` block (created if absent); yields the lock file's path (None for a
-    remote URI, which is not locked). ``command`` is recorded for whoever finds the folder locked."""
+    lock object's URI for a remote folder). ``command`` is recorded for whoever finds the folder locked."""
     folder = str(folder)
     if "://" in folder and not folder.startswith("file://"):
-        yield None
+        from dudocrop.storage import remote_lock
+
+        with remote_lock(folder, command or " ".join(sys.argv)) as uri:
+            yield uri
         return
     folder = os.path.realpath(folder.removeprefix("file://"))
     path = os.path.join(folder, LOCK_NAME)

@@ -285,8 +285,11 @@ def fit(train_loop: Callable[[dict], None], config: Mapping, *, name: str, stora
     """Run ``train_loop`` with DDP on ``num_workers`` workers (gloo on CPU, NCCL on GPU) and return the result.
 
     The run directory is ``storage_path/name``; running again with the same pair resumes from its latest
-    checkpoint. ``storage_path`` must be shared storage (NFS, S3, ...) on a multi-node cluster."""
-    storage_path = storage_path if "://" in storage_path else os.path.abspath(storage_path)
+    checkpoint. ``storage_path`` must be shared storage (NFS, S3, ...) on a multi-node cluster; a path inside a
+    :class:`dudocrop.storage.Mirror` (``train_all --out s3://...``) is given to Ray as its place on the bucket."""
+    from dudocrop.storage import remote_path
+
+    storage_path = remote_path(storage_path if "://" in storage_path else os.path.abspath(storage_path))
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=dict(config),

@@ -132,17 +132,20 @@ def run(args: argparse.Namespace | Mapping[str, Any] | Sequence[str] | None = No
     if todo:
         import ray
 
+        from dudocrop.storage import ensure_local, publish
         from ray_jobs import common
 
         common.init_ray(a.address)
         device = "cuda" if a.gpu else "cpu"
         threads = max(1, int(a.cpus_per_task))
+        model_ref = publish(a.model)  # a node without the driver's mirror fetches the model from there
 
         @ray.remote(num_cpus=a.cpus_per_task, num_gpus=1 if a.gpu else 0, max_retries=2)
         def task(shard: str) -> dict:
             import torch
 
             torch.set_num_threads(threads)
+            ensure_local(a.model, model_ref)
             return embed_shard(a.data, shard, a.model, batch_size=a.batch_size, sha=sha, device=device)
 
         pending, queue = [], list(todo)

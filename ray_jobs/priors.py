@@ -38,6 +38,7 @@ from dudocrop.pipeline.model import (
     save_pipeline_meta,
 )
 from dudocrop.pipeline.osro import OSROConfig, osro
+from dudocrop.storage import ensure_local, publish
 
 KIND = "priors"
 META_KEY = b"priors_provenance"
@@ -132,10 +133,12 @@ def run(a: argparse.Namespace) -> dict:
     if todo:
         common.init_ray(a.address)
         data, models, steps, bs = a.data, a.models, a.steps, a.batch_size
+        models_ref = publish(models)  # a node without the driver's mirror fetches the models from there
         device = "cuda" if a.gpu else "cpu"
 
         def work(row: dict) -> dict:
             torch.set_num_threads(max(1, int(a.cpus_per_task)))
+            ensure_local(models, models_ref)
             n = shard_priors(data, models, row["shard"], steps, bs, device, made_by)
             print(f"priors: {row['shard']}: {n} rows", flush=True)
             return {"shard": row["shard"], "rows": n}

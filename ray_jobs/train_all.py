@@ -3,7 +3,7 @@
     python ray_jobs/train_all.py                                   # embedded default: tiny preset, local Ray
     python ray_jobs/train_all.py --preset small --out outputs/small
     ray job submit --working-dir . -- python ray_jobs/train_all.py --preset paper --set root=/mnt/ct-mar \\
-        --out /mnt/shared/dudocrop-paper
+        --out s3://bucket/dudocrop-paper       # or a shared folder (NFS)
 
 Stages: prepare (shards) -> caption -> clip (stage 1, Eq. 3) -> embed -> sde_image, sde_sinogram (stage 2, Eq. 9;
 independent, concurrent when the cluster has room) -> priors (X_p, X'_p over the training split, Eq. 10-12) ->
@@ -12,6 +12,8 @@ sde_residual (stage 3, Eq. 16) -> fusion (k, α, β of Eq. 13-15 chosen with Ray
 ``<out>/stages/<stage>.json`` records the same arguments and is newer than the markers of the stages it reads
 (``DEPS``), so a re-run resumes where the last one stopped and redoes what a changed stage invalidated; inside a
 stage, training resumes from its latest Ray Train checkpoint. One MLflow parent run holds a child run per stage.
+With ``--out s3://...`` the shards and Ray's checkpoints live on the URI and the driver's files in a local mirror
+pushed after every stage (:mod:`dudocrop.storage`), so a re-run anywhere resumes from the bucket.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from dudocrop.atomic import write_json
 from dudocrop.checks import parse_assignments
 from dudocrop.config import RUN_PRESETS, RunPreset, get_run_preset
 from dudocrop.lock import folder_lock
+from dudocrop.storage import Mirror, is_remote, remote_path
 from ray_jobs import common
 
 STAGES = ("prepare", "caption", "clip", "embed", "sde_image", "sde_sinogram", "priors", "sde_residual",
@@ -79,14 +82,15 @@ def resolve_preset(a: argparse.Namespace) -> RunPreset:
 # ---- the stages' command lines ----------------------------------------------------------------------------------
 
 
-def stage_argv(p: RunPreset, out: str, root: str | None) -> dict[str, list[str]]:
+def stage_argv(p: RunPreset, out: str, root: str | None, data: str | None = None) -> dict[str, list[str]]:
     """The exact argument list each stage job gets (its fingerprint decides whether it must run again). With
     ``p.gpu`` every stage that runs a model gets the GPU: the trainers, the caption VLM, embed, priors, fusion and
-    evaluate. A preset that still lacks a user-given field (``RunPreset.missing``) raises ValueError naming it."""
+    evaluate. ``data`` (default ``<out>/data``) may be a URI. A preset that still lacks a user-given field
+    (``RunPreset.missing``) raises ValueError naming it."""
     need = p.missing()
     if need:
         raise ValueError(f"preset {p.name!r} needs " + "; ".join(need) + " (--set FIELD=VALUE)")
-    data, models = f"{out}/data", f"{out}/models"
+    data, models = data or f"{out}/data", f"{out}/models"
     gpu = ["--gpu"] if p.gpu else []
     res = ["--workers", str(p.workers), "--cpus-per-worker", str(p.cpus_per_worker),
            "--max-failures", str(p.max_failures), *gpu]
@@ -168,7 +172,7 @@ def _write_marker(out: str, stage: str, record: dict) -> None:
     write_json(_marker(out, stage), record, default=str)
 
 
-def _invalidate(out: str, stage: str) -> None:
+def _invalidate(out: str, stage: str, mirror: Mirror | None = None) -> None:
     """A completed stage that must run again (its inputs or arguments changed, or --force): drop its marker and its
     Ray Train checkpoints, which belong to the old inputs. The marker goes first, so a run interrupted from here on
     resumes the new training instead of deleting it again."""
@@ -181,6 +185,11 @@ def _invalidate(out: str, stage: str) -> None:
     except ValueError:  # a damaged marker names no run folder
         result = {}
     os.remove(marker)
+    if mirror is not None:
+        mirror.push()  # the marker's removal reaches the bucket before the run's checkpoints go
+        if result.get("run_dir_rel"):
+            mirror.delete_remote(result["run_dir_rel"])
+        return
     run_dir = _own_run_dir(out, result)
     if run_dir and os.path.isdir(run_dir):
         shutil.rmtree(run_dir)
@@ -213,7 +222,7 @@ class Tracking:
     """One parent run per output folder (its id is kept in ``<out>/mlflow_run.json`` so re-runs continue it) and
     one child run per executed stage."""
 
-    def __init__(self, out: str, preset: RunPreset):
+    def __init__(self, out: str, preset: RunPreset, artifact_root: str | None = None):
         import mlflow
 
         self.mlflow = mlflow
@@ -221,7 +230,8 @@ class Tracking:
         mlflow.set_tracking_uri(self.uri)
         self.client = mlflow.MlflowClient(self.uri)
         exp = self.client.get_experiment_by_name("dudocrop")
-        self.exp_id = exp.experiment_id if exp else self.client.create_experiment("dudocrop")
+        # with --out on a bucket the run-local SQLite store keeps its artifacts there too (not in the cwd's mlruns)
+        self.exp_id = exp.experiment_id if exp else self.client.create_experiment("dudocrop", artifact_root)
         id_file = os.path.join(out, "mlflow_run.json")
         parent = None
         if os.path.exists(id_file):
@@ -311,13 +321,22 @@ def _run_stage(stage: str, argv: list[str], tracking: Tracking) -> tuple[float, 
 
 def run(a: argparse.Namespace) -> dict:
     """Run the wanted stages into ``--out``, holding its lock (dudocrop.lock) so no second run writes there."""
-    with folder_lock(os.path.abspath(a.out), "train_all " + json.dumps(vars(a), default=str)):
-        return _run(a)
+    out = a.out if is_remote(a.out) else os.path.abspath(a.out)
+    with folder_lock(out, "train_all " + json.dumps(vars(a), default=str)):
+        if not is_remote(out):
+            return _run(a)
+        mirror = Mirror(out)
+        print(f"train_all: {out}: {mirror.pull()} files pulled into the local mirror {mirror.local}", flush=True)
+        try:
+            return _run(a, mirror)
+        finally:
+            mirror.push()
+            mirror.close()
 
 
-def _run(a: argparse.Namespace) -> dict:
+def _run(a: argparse.Namespace, mirror: Mirror | None = None) -> dict:
     p = resolve_preset(a)
-    out = os.path.abspath(a.out)
+    out = mirror.local if mirror else os.path.abspath(a.out)
     os.makedirs(out, exist_ok=True)
     wanted = [s for s in a.stages.split(",") if s]
     bad = [s for s in wanted + [s for s in a.force.split(",") if s] if s not in STAGES]
@@ -325,11 +344,12 @@ def _run(a: argparse.Namespace) -> dict:
         raise SystemExit(f"train_all: unknown stages {bad}; known: {', '.join(STAGES)}")
     force = {s for s in a.force.split(",") if s}
     try:
-        argvs = stage_argv(p, out, a.root)
+        argvs = stage_argv(p, out, a.root, data=mirror.remote("data") if mirror else None)
     except ValueError as e:
         raise SystemExit(f"train_all: {e}") from e
     common.init_ray(a.address)
-    tracking = Tracking(out, p)
+    local_store = mirror is not None and not os.environ.get("MLFLOW_TRACKING_URI")
+    tracking = Tracking(out, p, mirror.remote("mlartifacts") if local_store else None)
     t_all = time.time()
     summary: dict[str, dict] = {}
     print(f"train_all: preset {p.name} -> {out} (MLflow {common.redact_uri(tracking.uri)}, parent run "
@@ -337,20 +357,26 @@ def _run(a: argparse.Namespace) -> dict:
 
     def execute(stage: str) -> None:
         argv = argvs[stage]
-        fp = _fingerprint(argv)
+        # with a mirror, paths count by their place on the bucket: a re-run from another machine (another local
+        # mirror folder) resumes instead of redoing every stage
+        fp = _fingerprint([remote_path(w) if mirror and w.startswith(out) else w for w in argv])
         if stage not in force and _done(out, stage, fp):
             print(f"train_all: [{stage}] complete, skipped", flush=True)
             summary[stage] = {"status": "skipped"}
             return
-        _invalidate(out, stage)
+        _invalidate(out, stage, mirror)
         print(f"train_all: [{stage}] running: {' '.join(argv)}", flush=True)
         dt, result, run_id = _run_stage(stage, argv, tracking)
         tracking.finish(run_id, dt, result, _artifacts(stage, out))
         run_dir = (result or {}).get("run_dir")
         if run_dir and "://" not in str(run_dir) and _inside(out, run_dir):  # so a copy of out finds its own
             result = {**result, "run_dir_rel": os.path.relpath(os.path.realpath(run_dir), os.path.realpath(out))}
+        elif run_dir and mirror is not None and str(run_dir).split("://")[-1].startswith(mirror.root + "/"):
+            result = {**result, "run_dir_rel": str(run_dir).split("://")[-1][len(mirror.root) + 1:]}
         _write_marker(out, stage, {"fingerprint": fp, "argv": argv, "seconds": dt, "mlflow_run_id": run_id,
                                    "result": result})
+        if mirror is not None:
+            mirror.push()
         summary[stage] = {"status": "ran", "seconds": round(dt, 1)}
         print(f"train_all: [{stage}] done in {dt:.1f}s", flush=True)
 
@@ -390,8 +416,8 @@ def _run(a: argparse.Namespace) -> dict:
     report = os.path.join(out, "report", "report.md")
     if os.path.exists(report):
         print(f"train_all: evaluation report {report}", flush=True)
-    return {"seconds": total, "stages": summary, "out": out, "mlflow_run_id": tracking.parent,
-            "registered_version": registered}
+    return {"seconds": total, "stages": summary, "out": mirror.uri if mirror else out,
+            "mlflow_run_id": tracking.parent, "registered_version": registered}
 
 
 def main(argv=None) -> int:

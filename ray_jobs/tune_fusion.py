@@ -27,6 +27,7 @@ from dudocrop.atomic import write_json, write_text
 from dudocrop.eval.fusion import FusionCache, rank
 from dudocrop.pipeline.model import PIPELINE_FILE, DuDoCROP, pipeline_config_from_dict, save_pipeline_meta
 from dudocrop.pipeline.osro import OSROConfig
+from dudocrop.storage import remote_path
 from dudocrop.train.rows import load_split
 from tune_spaces.fusion import FACTORS, fusion_space
 
@@ -105,7 +106,7 @@ def run(a: argparse.Namespace) -> dict:
         param_space=space,
         tune_config=tune.TuneConfig(metric="psnr", mode="max", num_samples=1 if a.space == "grid" else a.num_samples,
                                     reuse_actors=True),
-        run_config=tune.RunConfig(name="fusion", storage_path=os.path.join(out, "tune"), verbose=0),
+        run_config=tune.RunConfig(name="fusion", storage_path=remote_path(os.path.join(out, "tune")), verbose=0),
     )
     t1 = time.time()
     results = tuner.fit()

@@ -30,3 +30,38 @@ def ray_session():
         pass
     yield ray
     ray.shutdown()
+
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A local S3 API (moto's server mode: a real HTTP endpoint that boto3, pyarrow, Ray and MLflow all talk to);
+    yields the environment that points them at it (what a user sets for MinIO too). Tests set it with
+    ``s3_bucket`` (this process) or pass it on (subprocesses, Ray job runtime_env)."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch):
+    """A fresh bucket on the local S3 API, with this process's AWS_* variables pointing at it; its name."""
+    import uuid
+
+    import boto3
+
+    for k, v in s3_server.items():
+        monkeypatch.setenv(k, v)
+    name = f"dudocrop-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name
