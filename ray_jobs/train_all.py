@@ -283,7 +283,8 @@ def _artifacts(stage: str, out: str) -> list[str]:
         "sde_residual": [f"{models}/sde_residual.pt"],
         "sde_image_plain": [f"{out}/models_plain/sde_image.pt"],
         "sde_sinogram_plain": [f"{out}/models_plain/sde_sinogram.pt"],
-        "fusion": [f"{out}/fusion/fusion.json", f"{out}/fusion/trials.csv", f"{models}/pipeline.json"],
+        "fusion": [f"{out}/fusion/fusion.json", f"{out}/fusion/trials.csv", f"{out}/fusion/surface.png",
+                   f"{models}/pipeline.json"],
         "evaluate": [f"{out}/report"],
     }.get(stage, [])
 

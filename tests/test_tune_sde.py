@@ -30,7 +30,7 @@ def test_space_holds_the_papers_lambda_and_names_bad_values():
     from tune_spaces.sde import DEFAULT_LAMBDAS_255, sde_space
 
     grid = sde_space("grid", (20.0, 80.0))["lam_255"]["grid_search"]
-    assert grid == [20.0, PAPER_LAMBDA_255, 80.0]  # the paper's 50 is always added, so each sweep compares with it
+    assert grid == [20.0, 80.0, PAPER_LAMBDA_255]  # the paper's 50 is always added, so each sweep compares with it
     assert len(sde_space()["lam_255"]["grid_search"]) >= 6 and PAPER_LAMBDA_255 in DEFAULT_LAMBDAS_255
     rnd = sde_space("random", (10.0, 150.0), lr=(1e-3, 2e-3), T=(50, 100))
     assert (rnd["lam_255"].lower, rnd["lam_255"].upper) == (10.0, 150.0)

@@ -3,8 +3,9 @@ stage's learning rate and T, for ``ray_jobs/tune_sde.py``.
 
 λ is swept in /255 units (``lam_255``; the trial divides by 255, as ``SDEConfig.lam`` holds it):
 
-* ``grid``: the given values (default :data:`DEFAULT_LAMBDAS_255`, six values around the paper's 50, spaced about
-  ×1.5 apart), each one trial; the paper's value is always added, so every sweep compares against it;
+* ``grid``: the given values in the given order (default :data:`DEFAULT_LAMBDAS_255`, six values around the
+  paper's 50, spaced about ×1.5 apart), each one trial; the paper's value is added (last) when missing, so every
+  sweep compares against it;
 * ``random``: ``tune.loguniform`` over [lo, hi] (``num_samples`` trials), for a finer search once the grid has found
   the region.
 
@@ -40,7 +41,7 @@ def sde_space(kind: str = "grid", lambdas_255: Sequence[float] = DEFAULT_LAMBDAS
     and largest of ``lambdas_255`` as the log-uniform range."""
     lams = _positive(lambdas_255, "lambdas_255")
     if kind == "grid":
-        grid = sorted(set(lams) | {PAPER_LAMBDA_255})
+        grid = list(dict.fromkeys(lams + [PAPER_LAMBDA_255]))  # the order given (trials start in it), 50 added
         space: dict = {"lam_255": tune.grid_search(grid)}
     elif kind == "random":
         lo, hi = min(lams), max(lams)
