@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     res: dict = {"data": a.data, "cpus": common.cluster_cpus()}
     sweep_models = os.path.join(out, "tuned")  # the bench records its choice here, not in a real model folder
     s = tune_sde.run(tune_sde.parse_args(_sweep_argv(a, os.path.join(out, "lambda"), a.lambdas, a.steps,
-                                                     a.interval, sweep_models)))
+                                                     a.interval, sweep_models) + ["--grace", str(a.interval)]))
     res["lambda_sweep"] = {k: s[k] for k in ("trials", "stopped_early", "seconds", "lam_255", "val_psnr", "val_ssim",
                                              "paper", "max_concurrent_trials", "steps", "interval", "picture")}
     res["lambda_sweep"]["trials_table"] = [{k: t[k] for k in ("lam_255", "steps", "val_psnr", "stopped_early")}

@@ -327,6 +327,11 @@ def run(a: argparse.Namespace, extra_config: dict | None = None) -> dict:
                                                       "dudocrop.sweep": f"tune_sde-{a.domain}"})]))
     results = tuner.fit()
     seconds = time.time() - t0
+    # an interrupted fit (Ctrl-C) returns too: its unfinished trials are neither done nor stopped by ASHA
+    unfinished = [t.trial_id for t in results._experiment_analysis.trials if t.status not in ("TERMINATED", "ERROR")]
+    if unfinished:
+        raise SystemExit(f"tune_sde: the sweep was interrupted with {len(unfinished)} trials unfinished; run the same "
+                         f"command again to continue it ({exp_path})")
     return summarise(a, results, out, steps, interval, seconds, parent, uri, restored=restoring,
                      concurrent=concurrent)
 
