@@ -102,6 +102,8 @@ def main(argv=None) -> int:
     ap.add_argument("--restore-steps", type=int, default=20)
     ap.add_argument("--restore-timeout", type=float, default=1500)
     ap.add_argument("--max-slices", type=int, default=8, help="fusion / steps sweep: val slices")
+    ap.add_argument("--fusion-steps", type=int, default=None, help="tune_fusion's sampler steps (default: models')")
+    ap.add_argument("--sweep-steps", default="1,2,3,5,10,25,50,100", help="steps_sweep's settings")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     os.environ.setdefault("MPLBACKEND", "Agg")
@@ -117,20 +119,26 @@ def main(argv=None) -> int:
                                              "paper", "max_concurrent_trials", "steps", "interval", "picture")}
     res["lambda_sweep"]["trials_table"] = [{k: t[k] for k in ("lam_255", "steps", "val_psnr", "stopped_early")}
                                            for t in s["trials_table"]]
+    from dudocrop.atomic import write_json
+
+    write_json(os.path.join(out, "bench.json"), res, default=str)  # each part as it ends
     if not a.no_restore:
         res["restore"] = restore_check(a, os.path.join(out, "restore"))
+        write_json(os.path.join(out, "bench.json"), res, default=str)
     if a.models:
         from ray_jobs import steps_sweep, tune_fusion
 
-        f = tune_fusion.run(tune_fusion.parse_args(["--data", a.data, "--models", a.models, "--out",
-                                                    os.path.join(out, "fusion"), "--max-slices", str(a.max_slices),
-                                                    "--no-write"]))
+        fusion = ["--data", a.data, "--models", a.models, "--out", os.path.join(out, "fusion"), "--max-slices",
+                  str(a.max_slices), "--no-write"]
+        fusion += [] if a.fusion_steps is None else ["--steps", str(a.fusion_steps)]
+        f = tune_fusion.run(tune_fusion.parse_args(fusion))
         res["fusion"] = {k: f[k] for k in ("trials", "psnr", "untuned_psnr", "k", "alpha", "beta")}
         res["fusion"]["picture"] = os.path.join(out, "fusion", "surface.png")
-        st = steps_sweep.run(steps_sweep.parse_args(["--data", a.data, "--models", a.models, "--out",
-                                                     os.path.join(out, "steps"), "--max-slices", str(a.max_slices),
-                                                     "--no-write"]))
-        res["steps"] = st
+        write_json(os.path.join(out, "bench.json"), res, default=str)
+        res["steps"] = steps_sweep.run(steps_sweep.parse_args([
+            "--data", a.data, "--models", a.models, "--out", os.path.join(out, "steps"), "--max-slices",
+            str(a.max_slices), "--steps", a.sweep_steps, "--no-write"]))
+        write_json(os.path.join(out, "bench.json"), res, default=str)
     print(json.dumps(res, indent=1 if not a.json else None, default=str), flush=True)
     return 0
 

@@ -343,12 +343,13 @@ def _trial_rows(results, steps: int) -> tuple[list[dict], list[dict]]:
         cfg = r.config or {}
         tid = (r.metrics or {}).get("trial_id") or os.path.basename(r.path)
         df = r.metrics_dataframe
-        rep = [] if df is None or METRIC not in df else df[[TIME_ATTR, METRIC] + (
-            ["val_ssim"] if "val_ssim" in df else [])].dropna(subset=[METRIC]).to_dict("records")
+        rep = [] if df is None or METRIC not in df else df[[TIME_ATTR, METRIC] + [
+            c for c in ("val_ssim", "resumed_from") if c in df]].dropna(subset=[METRIC]).to_dict("records")
         for h in rep:
             history.append({"trial_id": tid, "lam_255": cfg.get("lam_255"), "lr": cfg.get("lr"), "T": cfg.get("T"),
                             "step": int(h[TIME_ATTR]), "val_psnr": float(h[METRIC]),
-                            "val_ssim": float(h.get("val_ssim", math.nan))})
+                            "val_ssim": float(h.get("val_ssim", math.nan)),
+                            "resumed_from": int(h.get("resumed_from", 0))})
         last = rep[-1] if rep else {}
         reached = int(last.get(TIME_ATTR, 0))
         trials.append({"trial_id": tid, "lam_255": cfg.get("lam_255"), "lr": cfg.get("lr"), "T": cfg.get("T"),

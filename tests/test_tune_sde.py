@@ -190,7 +190,10 @@ def test_sweep_stops_weak_trials_resumes_a_killed_worker_and_logs_to_mlflow(data
     import pandas as pd
 
     hist = pd.read_csv(os.path.join(out, "history.csv"))
-    assert sorted(hist[hist.lam_255 == 50.0].step)[:2] == [10, 20]
+    paper = hist[hist.lam_255 == 50.0].sort_values("step")
+    # the run went on from step 20 (the step-20 report itself may be lost with the worker), no step was repeated
+    assert paper.step.is_unique and paper.step.max() == 40
+    assert paper.resumed_from.iloc[0] == 0 and paper.resumed_from.iloc[-1] == 20
     rec = json.load(open(os.path.join(models, tune_sde.TUNED_FILE)))["image"]
     assert rec["lam_255"] == s["lam_255"] and rec["chosen"]["lam"] == pytest.approx(s["lam_255"] / 255)
     assert rec["paper"]["lam_255"] == PAPER_LAMBDA_255
@@ -242,3 +245,16 @@ def test_restore_after_the_driver_is_killed_does_not_rerun_finished_trials(data,
     for d, before in done.items():  # finished trials were not run again: their results are unchanged
         assert open(os.path.join(exp, d, "result.json")).read() == before, d
     assert all(row["steps"] == 20 for row in s["trials_table"])
+
+
+def test_steps_sweep_names_bad_arguments_and_a_missing_model_folder(tmp_path, capsys):
+    from ray_jobs import steps_sweep
+
+    a = steps_sweep.parse_args(["--data", "d", "--models", "m", "--out", "o", "--steps", "10,1,3,3"])
+    assert a.step_list == [1, 3, 10]
+    for bad in ("0,1", "a,2"):
+        with pytest.raises(SystemExit):
+            steps_sweep.parse_args(["--data", "d", "--models", "m", "--out", "o", "--steps", bad])
+        assert "--steps" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="pipeline.json is missing"):
+        steps_sweep.run(steps_sweep.parse_args(["--data", "d", "--models", str(tmp_path), "--out", "o"]))
