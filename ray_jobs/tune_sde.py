@@ -11,7 +11,8 @@ trainer's ``TuneReportCallback`` forwards rank 0's reports to Tune. Every ``--in
 (val PSNR / SSIM of the prior sampled with the preset's few ``val_steps`` on ``val_slices`` val slices) and
 checkpoints, and Tune's ``AsyncHyperBandScheduler`` (ASHA, time attribute ``step``) stops trials whose val PSNR
 falls below the rung's cut; a stopped trial's actors end, so the next trial takes its resources.
-``max_concurrent_trials`` follows the cluster: GPUs // workers with ``--gpu``, else CPUs // (workers × CPUs each).
+``max_concurrent_trials`` follows the cluster: GPUs // workers with ``--gpu``, else CPUs // (workers × CPUs each
++ the trial function's 0.01), so on 2 cores one trial of one 1-CPU worker runs at a time.
 
 Fault tolerance: a killed trial worker restarts its worker group (``--max-failures``) and resumes from the trial's
 last checkpoint; a killed driver is continued by running the same command again (``Tuner.restore``: finished
@@ -46,6 +47,8 @@ from tune_spaces.sde import DEFAULT_LAMBDAS_255, sde_space  # noqa: E402
 TUNED_FILE = "tuned_sde.json"
 #: what a trial's config may set in SDETrainConfig (lam_255 becomes lam = lam_255 / 255)
 TUNED_FIELDS = ("lam", "lr", "T")
+#: CPU of a trial function itself (it only waits on its TorchTrainer, whose workers hold the CPUs / GPUs)
+TRIAL_CPU = 0.01
 #: Tune's metric and time attribute
 METRIC, TIME_ATTR = "val_psnr", "step"
 
@@ -227,7 +230,8 @@ def max_concurrent(a: argparse.Namespace) -> int:
         return a.max_concurrent
     if a.gpu:
         return max(1, int(common.cluster_gpus() // a.workers))
-    return max(1, int(common.cluster_cpus() // (a.workers * a.cpus_per_worker)))
+    # each trial also holds TRIAL_CPU for its waiting trial function
+    return max(1, int(common.cluster_cpus() // (a.workers * a.cpus_per_worker + TRIAL_CPU)))
 
 
 def _mlflow_parent(a: argparse.Namespace, out: str, uri: str) -> str:
@@ -299,7 +303,7 @@ def run(a: argparse.Namespace, extra_config: dict | None = None) -> dict:
            "workers": a.workers, "gpu": a.gpu, "cpus_per_worker": a.cpus_per_worker,
            "max_failures": a.max_failures, "extra_config": extra_config or {}}
     # Train V2 in Tune: the trial function only waits on its TorchTrainer, whose workers hold the CPUs / GPUs
-    trainable = tune.with_resources(tune.with_parameters(_trial, job=job), {"cpu": 0.01})
+    trainable = tune.with_resources(tune.with_parameters(_trial, job=job), {"cpu": TRIAL_CPU})
     concurrent = max_concurrent(a)
     t0 = time.time()
     if restoring:
