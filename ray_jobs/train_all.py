@@ -40,8 +40,9 @@ DEPS = {"caption": ("prepare",), "clip": ("caption",), "embed": ("clip",), "tune
         "priors": ("sde_image", "sde_sinogram"), "sde_residual": ("priors",),
         "sde_image_plain": ("prepare",), "sde_sinogram_plain": ("prepare",), "fusion": ("sde_residual",),
         "evaluate": ("fusion", "sde_image_plain", "sde_sinogram_plain")}
-#: stages a preset may leave out (the "+ DuDoCLIP" ablation models, RunPreset.guidance_ablation).
-OPTIONAL = ("sde_image_plain", "sde_sinogram_plain")
+#: stages a preset may leave out (the "+ DuDoCLIP" ablation models, RunPreset.guidance_ablation; the λ sweep,
+#: RunPreset.tune_lambda).
+OPTIONAL = ("sde_image_plain", "sde_sinogram_plain", "tune_lambda")
 #: the model files the parent MLflow run logs under ``models/`` (so ``DuDoCROP.load("runs:/<id>/models")`` works).
 MODEL_ARTIFACTS = ("dudoclip.pt", "sde_image.pt", "sde_sinogram.pt", "sde_residual.pt", "pipeline.json",
                    "tuned_sde.json")
@@ -349,8 +350,8 @@ def _run(a: argparse.Namespace) -> dict:
         summary[stage] = {"status": "ran", "seconds": round(dt, 1)}
         print(f"train_all: [{stage}] done in {dt:.1f}s", flush=True)
 
-    order = [s for s in STAGES if s in wanted and (p.guidance_ablation or s not in OPTIONAL)
-             and (p.tune_lambda or s != "tune_lambda")]
+    order = [s for s in STAGES if s in wanted and (s not in OPTIONAL or (
+        p.tune_lambda if s == "tune_lambda" else p.guidance_ablation))]
     i = 0
     while i < len(order):
         s = order[i]

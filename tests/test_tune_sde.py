@@ -258,3 +258,4 @@ def test_steps_sweep_names_bad_arguments_and_a_missing_model_folder(tmp_path, ca
         assert "--steps" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="pipeline.json is missing"):
         steps_sweep.run(steps_sweep.parse_args(["--data", "d", "--models", str(tmp_path), "--out", "o"]))
+
