@@ -167,33 +167,37 @@ def _argv(data, out, models, lambdas, steps=40, interval=10):
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_sweep_stops_weak_trials_resumes_a_killed_worker_and_logs_to_mlflow(data, tmp_path, ray_session):
-    """Three λ, one trial at a time: ASHA stops the weak middle one at its first rung and the next trial still runs
-    (the stopped trial's resources came back); a worker of the paper-λ trial dies after its step-20 checkpoint
-    and the trial resumes from it; MLflow holds a parent run with one child per trial; the choice is recorded."""
+    """Three λ, one trial at a time, in the order 2, 50, 250: ASHA stops a trial whose val PSNR at a rung is below
+    the rung's cut, and the next trial still starts (the stopped trial's resources came back); a worker of the first
+    trial dies after its step-20 checkpoint and the trial resumes from it; MLflow holds a parent run with one child
+    per trial; the choice is recorded. Measured (tiny preset, noise output, 10 steps): the early prior's val PSNR
+    falls with λ (λ·255 = 2: 5.8 dB, 15: 4.9 dB), so λ·255 = 250 is the weak one."""
     import mlflow
+    import pandas as pd
 
     from ray_jobs import tune_sde
 
     out, models = str(tmp_path / "sweep"), str(tmp_path / "models")
     marker = str(tmp_path / "killed")
-    # λ·255 = 2 (sampling starts almost at μ) < 50 < 250 (starts far from it): at 10-40 steps the tiny model cannot
-    # yet undo λ = 250/255 of noise, so that trial is the weak one
-    a = tune_sde.parse_args(_argv(data, out, models, "2,250"))
-    s = tune_sde.run(a, extra_config={"50.0": {"fail_at_step": 20, "fail_marker": marker}})
+    a = tune_sde.parse_args(_argv(data, out, models, "2,50,250"))
+    s = tune_sde.run(a, extra_config={"2.0": {"fail_at_step": 20, "fail_marker": marker}})
     t = {row["lam_255"]: row for row in s["trials_table"]}
     assert sorted(t) == [2.0, 50.0, 250.0]
-    assert os.path.exists(marker)
     assert not any(row["error"] for row in t.values())
     assert s["stopped_early"] >= 1 and t[250.0]["stopped_early"] and t[250.0]["steps"] < 40, t
-    assert not t[2.0]["stopped_early"] and t[2.0]["steps"] == 40
-    # the paper's trial resumed from its step-20 checkpoint after the kill
-    import pandas as pd
-
     hist = pd.read_csv(os.path.join(out, "history.csv"))
-    paper = hist[hist.lam_255 == 50.0].sort_values("step")
-    # the run went on from step 20 (the step-20 report itself may be lost with the worker), no step was repeated
-    assert paper.step.is_unique and paper.step.max() == 40
-    assert paper.resumed_from.iloc[0] == 0 and paper.resumed_from.iloc[-1] == 20
+    for lam in (50.0, 250.0):  # each trial after the first started (and reported) on the one CPU trials get
+        assert (hist.lam_255 == lam).sum() >= 1
+    # a stopped trial was below the best value any earlier trial had at its last step (ASHA's cut is at most that)
+    for lam in (x for x in t if t[x]["stopped_early"]):
+        last = hist[hist.lam_255 == lam].sort_values("step").iloc[-1]
+        earlier = hist[(hist.step == last.step) & (hist.lam_255 != lam)]
+        assert len(earlier) and last.val_psnr < earlier.val_psnr.max(), (lam, last, earlier)
+    # the first trial's worker died after the step-20 checkpoint; the run went on from step 20, no step repeated
+    assert os.path.exists(marker)
+    first = hist[hist.lam_255 == 2.0].sort_values("step")
+    assert not t[2.0]["stopped_early"] and t[2.0]["steps"] == 40
+    assert first.step.is_unique and first.resumed_from.iloc[0] == 0 and first.resumed_from.iloc[-1] == 20
     rec = json.load(open(os.path.join(models, tune_sde.TUNED_FILE)))["image"]
     assert rec["lam_255"] == s["lam_255"] and rec["chosen"]["lam"] == pytest.approx(s["lam_255"] / 255)
     assert rec["paper"]["lam_255"] == PAPER_LAMBDA_255
