@@ -65,7 +65,7 @@ def plot_sde_sweep(path, history: Sequence[Mapping], trials: Sequence[Mapping], 
     ax1.axvline(steps, color="grey", lw=0.8, ls=":")
     ax1.set_xlabel("training step")
     ax1.set_ylabel("val PSNR (dB)")
-    ax1.set_title(f"{domain} IR-SDE: val PSNR per trial (× = stopped by ASHA)")
+    ax1.set_title(f"{domain} IR-SDE: val PSNR per trial (red × = ASHA stop)")
     ax1.legend(fontsize=7)
     for t in trials:
         if not math.isfinite(t["val_psnr"]):
@@ -80,9 +80,11 @@ def plot_sde_sweep(path, history: Sequence[Mapping], trials: Sequence[Mapping], 
     ax2.plot(float(best["lam_255"]), best["val_psnr"], "*", color="gold", mec="black", ms=16,
              label=f"chosen λ·255 = {float(best['lam_255']):g}")
     ax2.set_xscale("log")
+    ax2.set_xticks(lams, [f"{v:g}" for v in lams])
+    ax2.minorticks_off()
     ax2.set_xlabel("λ·255 (Eq. 4-6)")
     ax2.set_ylabel("final val PSNR (dB)")
-    ax2.set_title("final val PSNR against λ (red ×: stopped early, at its last step)")
+    ax2.set_title("last val PSNR against λ (red ×: stopped by ASHA)")
     ax2.legend(fontsize=8)
     return _save(fig, path)
 
