@@ -141,6 +141,6 @@ def plot_steps_sweep(path, rows: Sequence[Mapping]) -> str:
         ax.set_xlabel("reverse steps (Eq. 7-8 sampler)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    ax1.set_title("quality against sampler steps (priors re-sampled, factors re-fused)")
+    ax1.set_title("X_o quality (priors re-sampled, re-fused)")
     ax3.set_title("cost per slice")
     return _save(fig, path)
