@@ -74,6 +74,11 @@ class RunPreset:
     fusion_points: int = 5
     # what the preset is and is not, in a sentence or three: the first paragraph of its evaluation report
     about: str = ""
+    # choose the IR-SDE's λ with Ray Tune before stage 2 (ray_jobs/tune_sde.py: the image domain, ASHA); the chosen
+    # λ goes to <models>/tuned_sde.json, which sde_image / sde_sinogram read (``--tuned``). tune_lambda_steps:
+    # training steps per trial (None: the SDE preset's)
+    tune_lambda: bool = False
+    tune_lambda_steps: int | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -83,6 +88,9 @@ class RunPreset:
                 raise ValueError(f"RunPreset.{f} must be an int >= 1, got {v!r}")
         if self.eval_steps is not None and (not isinstance(self.eval_steps, int) or self.eval_steps < 1):
             raise ValueError(f"RunPreset.eval_steps must be None or an int >= 1, got {self.eval_steps!r}")
+        if self.tune_lambda_steps is not None and (not isinstance(self.tune_lambda_steps, int)
+                                                   or self.tune_lambda_steps < 1):
+            raise ValueError(f"RunPreset.tune_lambda_steps must be None or an int >= 1, got {self.tune_lambda_steps!r}")
         if not isinstance(self.fusion_points, int) or self.fusion_points < 2:
             raise ValueError(f"RunPreset.fusion_points must be an int >= 2, got {self.fusion_points!r}")
         if self.phantom not in ("ellipse", "patient"):

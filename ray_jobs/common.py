@@ -281,8 +281,9 @@ def maybe_fail(config: Mapping, step: int) -> None:
 
 def fit(train_loop: Callable[[dict], None], config: Mapping, *, name: str, storage_path: str, num_workers: int = 1,
         use_gpu: bool = False, cpus_per_worker: float = 1.0, max_failures: int = 2,
-        keep_checkpoints: int = 2) -> ray.train.Result:
+        keep_checkpoints: int = 2, callbacks: Sequence | None = None) -> ray.train.Result:
     """Run ``train_loop`` with DDP on ``num_workers`` workers (gloo on CPU, NCCL on GPU) and return the result.
+    ``callbacks``: Ray Train ``UserCallback``s (ray_jobs/tune_sde.py forwards the reports to Tune with one).
 
     The run directory is ``storage_path/name``; running again with the same pair resumes from its latest
     checkpoint. ``storage_path`` must be shared storage (NFS, S3, ...) on a multi-node cluster; a path inside a
@@ -297,7 +298,8 @@ def fit(train_loop: Callable[[dict], None], config: Mapping, *, name: str, stora
                                      resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
         run_config=RunConfig(name=name, storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+                             callbacks=list(callbacks or [])),
     )
     return trainer.fit()
 

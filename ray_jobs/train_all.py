@@ -5,7 +5,8 @@
     ray job submit --working-dir . -- python ray_jobs/train_all.py --preset paper --set root=/mnt/ct-mar \\
         --out s3://bucket/dudocrop-paper       # or a shared folder (NFS)
 
-Stages: prepare (shards) -> caption -> clip (stage 1, Eq. 3) -> embed -> sde_image, sde_sinogram (stage 2, Eq. 9;
+Stages: prepare (shards) -> caption -> clip (stage 1, Eq. 3) -> embed -> [tune_lambda: λ of Eq. 4-6 chosen with Ray
+Tune, ``--set tune_lambda=true``] -> sde_image, sde_sinogram (stage 2, Eq. 9;
 independent, concurrent when the cluster has room) -> priors (X_p, X'_p over the training split, Eq. 10-12) ->
 sde_residual (stage 3, Eq. 16) -> fusion (k, α, β of Eq. 13-15 chosen with Ray Tune on the val split) -> evaluate
 (Tables III-V, figures). Each stage is skipped when its marker
@@ -34,17 +35,20 @@ from dudocrop.lock import folder_lock
 from dudocrop.storage import Mirror, is_remote, remote_path
 from ray_jobs import common
 
-STAGES = ("prepare", "caption", "clip", "embed", "sde_image", "sde_sinogram", "priors", "sde_residual",
+STAGES = ("prepare", "caption", "clip", "embed", "tune_lambda", "sde_image", "sde_sinogram", "priors", "sde_residual",
           "sde_image_plain", "sde_sinogram_plain", "fusion", "evaluate")
 #: what each stage reads: a stage whose input stage finished after it is stale and runs again (as make does).
-DEPS = {"caption": ("prepare",), "clip": ("caption",), "embed": ("clip",), "sde_image": ("embed",),
-        "sde_sinogram": ("embed",), "priors": ("sde_image", "sde_sinogram"), "sde_residual": ("priors",),
+DEPS = {"caption": ("prepare",), "clip": ("caption",), "embed": ("clip",), "tune_lambda": ("embed",),
+        "sde_image": ("embed", "tune_lambda"), "sde_sinogram": ("embed", "tune_lambda"),
+        "priors": ("sde_image", "sde_sinogram"), "sde_residual": ("priors",),
         "sde_image_plain": ("prepare",), "sde_sinogram_plain": ("prepare",), "fusion": ("sde_residual",),
         "evaluate": ("fusion", "sde_image_plain", "sde_sinogram_plain")}
-#: stages a preset may leave out (the "+ DuDoCLIP" ablation models, RunPreset.guidance_ablation).
-OPTIONAL = ("sde_image_plain", "sde_sinogram_plain")
+#: stages a preset may leave out (the "+ DuDoCLIP" ablation models, RunPreset.guidance_ablation; the λ sweep,
+#: RunPreset.tune_lambda).
+OPTIONAL = ("sde_image_plain", "sde_sinogram_plain", "tune_lambda")
 #: the model files the parent MLflow run logs under ``models/`` (so ``DuDoCROP.load("runs:/<id>/models")`` works).
-MODEL_ARTIFACTS = ("dudoclip.pt", "sde_image.pt", "sde_sinogram.pt", "sde_residual.pt", "pipeline.json")
+MODEL_ARTIFACTS = ("dudoclip.pt", "sde_image.pt", "sde_sinogram.pt", "sde_residual.pt", "pipeline.json",
+                   "tuned_sde.json")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -112,14 +116,18 @@ def stage_argv(p: RunPreset, out: str, root: str | None, data: str | None = None
         caption += ["--device", "cuda"] if p.gpu and p.caption_engine == "transformers" else []
     sde = ["--data", data, "--out", models, "--preset", p.sde_preset, *res]
     plain = ["--data", data, "--out", f"{out}/models_plain", "--preset", p.sde_preset, "--no-embeddings", *res]
+    tuned = ["--tuned", f"{models}/tuned_sde.json"] if p.tune_lambda else []  # λ chosen by the tune_lambda stage
     argv = {
         "prepare": prep,
         "caption": caption,
         "clip": ["--data", data, "--out", models, "--preset", p.clip_preset, "--storage", f"{models}/ray_train",
                  *res, *sets(p.clip_set)],
         "embed": ["--data", data, "--model", f"{models}/dudoclip.pt", *gpu],
-        "sde_image": [*sde, "--domain", "image", *sets(p.image_set)],
-        "sde_sinogram": [*sde, "--domain", "sinogram", *sets(p.sinogram_set)],
+        "tune_lambda": ["--data", data, "--out", f"{out}/tune_sde", "--models", models, "--preset", p.sde_preset,
+                        "--domain", "image", *res, *sets(p.image_set)]
+                       + ([] if p.tune_lambda_steps is None else ["--steps", str(p.tune_lambda_steps)]),
+        "sde_image": [*sde, "--domain", "image", *sets(p.image_set), *tuned],
+        "sde_sinogram": [*sde, "--domain", "sinogram", *sets(p.sinogram_set), *tuned],
         "priors": ["--data", data, "--models", models, "--split", "train,val", *sets(p.pipeline_set), *gpu]
                   + ([] if p.eval_steps is None else ["--steps", str(p.eval_steps)]),
         "sde_residual": [*sde, "--domain", "residual", *sets(p.residual_set)],
@@ -141,6 +149,7 @@ def _job(stage: str):
     import importlib
 
     name = {"prepare": "prepare_data", "caption": "caption", "clip": "train_clip", "embed": "embed",
+            "tune_lambda": "tune_sde",
             "sde_image": "train_sde", "sde_sinogram": "train_sde", "priors": "priors",
             "sde_residual": "train_sde", "sde_image_plain": "train_sde", "sde_sinogram_plain": "train_sde",
             "fusion": "tune_fusion", "evaluate": "evaluate"}[stage]
@@ -295,12 +304,15 @@ def _artifacts(stage: str, out: str) -> list[str]:
         "prepare": [f"{data}/manifest.json"],
         "caption": [f"{data}/captions/manifest.json"],
         "clip": [f"{models}/dudoclip.pt"],
+        "tune_lambda": [f"{out}/tune_sde/tune_sde.json", f"{out}/tune_sde/trials.csv", f"{out}/tune_sde/sweep.png",
+                        f"{models}/tuned_sde.json"],
         "sde_image": [f"{models}/sde_image.pt"],
         "sde_sinogram": [f"{models}/sde_sinogram.pt"],
         "sde_residual": [f"{models}/sde_residual.pt"],
         "sde_image_plain": [f"{out}/models_plain/sde_image.pt"],
         "sde_sinogram_plain": [f"{out}/models_plain/sde_sinogram.pt"],
-        "fusion": [f"{out}/fusion/fusion.json", f"{out}/fusion/trials.csv", f"{models}/pipeline.json"],
+        "fusion": [f"{out}/fusion/fusion.json", f"{out}/fusion/trials.csv", f"{out}/fusion/surface.png",
+                   f"{models}/pipeline.json"],
         "evaluate": [f"{out}/report"],
     }.get(stage, [])
 
@@ -311,7 +323,8 @@ def _artifacts(stage: str, out: str) -> list[str]:
 def _run_stage(stage: str, argv: list[str], tracking: Tracking) -> tuple[float, dict | None, str]:
     job = _job(stage)
     run_id = tracking.child(stage, argv)
-    extra = ["--mlflow-uri", tracking.uri, "--mlflow-run-id", run_id] if stage.startswith(("clip", "sde_")) else []
+    extra = (["--mlflow-uri", tracking.uri, "--mlflow-run-id", run_id]
+             if stage.startswith(("clip", "sde_", "tune_lambda")) else [])
     t0 = time.time()
     a = job.parse_args(argv + extra)
     result = job.run_args(a) if hasattr(job, "run_args") else job.run(a)
@@ -380,7 +393,8 @@ def _run(a: argparse.Namespace, mirror: Mirror | None = None) -> dict:
         summary[stage] = {"status": "ran", "seconds": round(dt, 1)}
         print(f"train_all: [{stage}] done in {dt:.1f}s", flush=True)
 
-    order = [s for s in STAGES if s in wanted and (p.guidance_ablation or s not in OPTIONAL)]
+    order = [s for s in STAGES if s in wanted and (s not in OPTIONAL or (
+        p.tune_lambda if s == "tune_lambda" else p.guidance_ablation))]
     i = 0
     while i < len(order):
         s = order[i]

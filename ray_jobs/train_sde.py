@@ -265,6 +265,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-failures", type=int, default=2)
     ap.add_argument("--no-embeddings", action="store_true", help="plain IR-SDE (Fig. 12 ablation baseline)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="SDETrainConfig override")
+    ap.add_argument("--tuned", default=None, metavar="FILE",
+                    help="tune_sde's record (<models>/tuned_sde.json): its chosen λ (lr, T) for --domain, unless --set "
+                         "names them")
     ap.add_argument("--mlflow-uri", default=None, help="tracking URI (default: MLFLOW_TRACKING_URI or O/mlflow.db)")
     ap.add_argument("--mlflow-run-id", default=None, help="log into this MLflow run (train_all passes it)")
     ap.add_argument("--address", default=None, help="Ray address (default RAY_ADDRESS or a local Ray)")
@@ -273,6 +276,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error("--workers must be >= 1")
     try:
         a.overrides = parse_overrides(a.set)
+        if a.tuned:
+            from ray_jobs.tune_sde import tuned_overrides
+
+            a.overrides = {**tuned_overrides(a.tuned, a.domain), **a.overrides}
     except ValueError as e:
         ap.error(str(e))
     return a

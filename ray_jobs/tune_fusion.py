@@ -9,7 +9,8 @@ the report scores) are sampled once (``dudocrop.eval.fusion.FusionCache``, saved
 Tune trial then only re-fuses them (Eq. 13-15) and scores mean PSNR / SSIM, so the grid's 125 trials (or
 thousands of random ones) cost seconds. The best trial by PSNR (ties: the refined prior's PSNR,
 ``dudocrop.eval.fusion.rank``) is written to ``pipeline.json`` with a record of
-how it was chosen; ``<out>/trials.csv`` holds every trial, ``<out>/fusion.json`` the summary.
+how it was chosen; ``<out>/trials.csv`` holds every trial, ``<out>/fusion.json`` the summary, ``<out>/surface.png``
+(grid) the val PSNR over (α, β) at the chosen k and over k at the chosen (α, β), the chosen point marked.
 """
 
 from __future__ import annotations
@@ -127,6 +128,11 @@ def run(a: argparse.Namespace) -> dict:
               "ssim": after["ssim"], "untuned": {f: getattr(untuned, f) for f in FACTORS},
               "untuned_psnr": before["psnr"], "untuned_ssim": before["ssim"], "priors_seconds": t_priors,
               "tune_seconds": t_tune}
+    if a.space == "grid":  # the surface of a grid: PSNR over (α, β) at the best k and over k at the best (α, β)
+        from dudocrop.eval.sweep_plots import plot_fusion_surface
+
+        record["picture"] = plot_fusion_surface(os.path.join(out, "surface.png"), df,
+                                                {f: getattr(chosen, f) for f in FACTORS})
     write_json(os.path.join(out, "fusion.json"), record)
     if not a.no_write:
         save_pipeline_meta(a.models, meta["geometry"], replace(stored, osro=chosen), fusion=record)

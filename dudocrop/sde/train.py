@@ -154,6 +154,10 @@ class SDETrainConfig:
     val_steps: int = 10  # sampler network evaluations in validation (any 1..T; fewer = faster)
     log_every: int = 50
     seed: int = 0
+    # λ (on the [0, 1] scale, Eq. 4-6) and T replacing the SDE preset's: what ray_jobs/tune_sde.py sweeps; None: the
+    # preset's (the paper's λ = 50/255, T = 100)
+    lam: float | None = None
+    T: int | None = None
 
     def __post_init__(self) -> None:
         if self.domain not in SDE_DOMAINS:
@@ -200,6 +204,12 @@ class SDETrainConfig:
             raise ValueError(f"SDETrainConfig.loss_form must be 'sde', 'posterior' or 'x0', got {self.loss_form!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"SDETrainConfig.grad_clip must be None or > 0, got {self.grad_clip!r}")
+        if self.lam is not None and (isinstance(self.lam, bool) or not isinstance(self.lam, int | float)
+                                     or not 0 < self.lam < float("inf")):
+            raise ValueError(f"SDETrainConfig.lam must be None or a positive float (λ/255, e.g. 50/255), got "
+                             f"{self.lam!r}")
+        if self.T is not None and (isinstance(self.T, bool) or not isinstance(self.T, int) or self.T < 1):
+            raise ValueError(f"SDETrainConfig.T must be None or an int >= 1, got {self.T!r}")
 
     def unet_config(self, context_dim: int | None = None) -> UNetConfig:
         over = {"use_embeddings": self.use_embeddings}
@@ -211,7 +221,8 @@ class SDETrainConfig:
         return get_unet_config(self.unet, **over)
 
     def sde_config(self) -> SDEConfig:
-        return get_sde_config(self.sde, parametrization=self.parametrization)
+        over = {k: getattr(self, k) for k in ("lam", "T") if getattr(self, k) is not None}
+        return get_sde_config(self.sde, parametrization=self.parametrization, **over)
 
     def to_dict(self) -> dict:
         return asdict(self)
