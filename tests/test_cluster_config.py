@@ -104,8 +104,18 @@ def test_rayjobs_run_the_job_scripts_on_the_project_image(name, script):
 
         a = train_all.parse_args(words[2:])  # the arguments parse as the script's own
         assert a.preset == "paper" and a.out.startswith("s3://")
-    if (REPO / script).exists():  # tune_sde.py comes with the λ-sweep work
-        assert (REPO / script).is_file()
+    else:
+        from ray_jobs import tune_sde
+
+        a = tune_sde.parse_args(words[2:])
+        assert a.preset == "paper" and a.gpu
+        # tune_sde takes folders: they must be on a volume every node (head included: the driver) mounts
+        spec = _ray_cluster_spec(doc)
+        for g in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            for c in g["template"]["spec"]["containers"]:
+                mounts = {m["mountPath"] for m in c.get("volumeMounts", [])} - {"/dev/shm"}
+                for path in (a.data, a.out, a.models):
+                    assert any(path.startswith(m + "/") for m in mounts), (g.get("groupName", "head"), path)
     yaml.safe_load(doc["spec"]["runtimeEnvYAML"])
     _check_ray_cluster(_ray_cluster_spec(doc))
 
