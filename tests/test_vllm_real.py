@@ -190,7 +190,9 @@ def test_caption_job_runs_vllm_actors_end_to_end(probe, shards, tiny_llava, tmp_
     cdir = tmp_path / "caps"
     m = job.run(job.parse_args(job_args(data, cdir, tiny_llava, "--rows-per-write", "2")))
     assert f"0 complete, {len(SIZES)} to caption ({sum(SIZES)} rows)" in capsys.readouterr().out
-    assert m["engine"]["engine"] == "vllm" and m["engine"]["engine_kwargs"] == ENGINE_KWARGS
+    llm_kw = {k: v for k, v in ENGINE_KWARGS.items() if k != "max_model_len"}  # max_model_len: a setting of its own
+    assert m["engine"]["engine"] == "vllm" and m["engine"]["engine_kwargs"] == llm_kw
+    assert m["engine"]["max_model_len"] == ENGINE_KWARGS["max_model_len"]
     assert m["totals"]["rows"] == sum(SIZES)
     check_sidecars(data, cdir, infos, probe["replies"])
 
