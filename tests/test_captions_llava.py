@@ -1,6 +1,6 @@
-"""The VLM caption engines on a tiny random LLaVA built here (no download): a CLIP vision tower + a Llama
-decoder (head_dim 64, llava-hf layout), a byte-level BPE tokenizer trained in memory, and a LlavaProcessor —
-saved with ``save_pretrained`` like a real checkpoint. Random weights: no test asserts the text.
+"""The VLM caption engines on a tiny random LLaVA built locally (``dudocrop.captions.tiny_llava``, no download): a
+CLIP vision tower + a Llama decoder, a byte-level BPE tokenizer trained in memory, and a LlavaProcessor — saved
+with ``save_pretrained`` like a real checkpoint. Random weights: no test asserts the text.
 
 * ``transformers`` engine: default suite (a few seconds on CPU).
 * ``vllm`` engine: opt-in integration test, run only when ``vllm`` imports (skipped with the reason otherwise).
@@ -8,63 +8,12 @@ saved with ``save_pretrained`` like a real checkpoint. Random weights: no test a
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 from PIL import Image
 
 from dudocrop.captions import CaptionSettings, caption_records, create_engine, llava_prompt
-
-
-def build_tiny_llava(path: str) -> str:
-    """A tiny random LlavaForConditionalGeneration + processor saved under ``path``."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-        PreTrainedTokenizerFast,
-    )
-
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    corpus = ["USER: ASSISTANT: describe the CT slice, metal implant, streak artifacts, quantity size position "
-              "description, sinogram trace, right left anterior posterior spine pelvis skull lungs"] * 4
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<image>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                  pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
-    image_proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    proc = LlavaProcessor(image_processor=image_proc, tokenizer=tok, patch_size=8,
-                          vision_feature_select_strategy="default", image_token="<image>",
-                          num_additional_image_tokens=1)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=32, patch_size=8, projection_dim=32)
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                       num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=2048,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=3)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
-                      vision_feature_select_strategy="default", vision_feature_layer=-2)
-    torch.manual_seed(0)
-    LlavaForConditionalGeneration(cfg).eval().save_pretrained(path)
-    proc.save_pretrained(path)
-    # llava-hf key layout (as the published checkpoints): vLLM's CLIP tower expects 'vision_tower.vision_model.*';
-    # transformers reads either layout
-    from safetensors.torch import load_file, save_file
-
-    f = os.path.join(path, "model.safetensors")
-    state = {("vision_tower.vision_model." + k[len("vision_tower."):]
-              if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.") else k): v
-             for k, v in load_file(f).items()}
-    save_file(state, f, metadata={"format": "pt"})
-    return path
+from dudocrop.captions.tiny_llava import build_tiny_llava
 
 
 @pytest.fixture(scope="module")

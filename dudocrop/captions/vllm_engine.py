@@ -16,7 +16,9 @@ route in its own runtime_env or node type (:data:`DEFAULT_RUNTIME_ENV`).
 from __future__ import annotations
 
 import io
+import json
 import logging
+import os
 from collections.abc import Sequence
 
 from PIL import Image
@@ -33,6 +35,45 @@ def vllm_requests(prompts: Sequence[str], images: Sequence[Image.Image]) -> list
     """vLLM's prompt dicts: the text prompt and one RGB image each (``check_vlm_inputs`` validates)."""
     rgb = check_vlm_inputs(images, prompts)
     return [{"prompt": p, "multi_modal_data": {"image": im}} for p, im in zip(prompts, rgb)]
+
+
+class EngineDeadError(RuntimeError):
+    """The vLLM engine core died (killed, out of memory): this ``vllm.LLM`` answers nothing more. A caption actor
+    exits on it so that Ray restarts the actor with a fresh engine (``ray_jobs/caption.py``)."""
+
+
+def llava_image_tokens(model_dir: str) -> tuple[int, int] | None:
+    """(``<image>`` token id, how many of them one image becomes) for a LLaVA-1.5 checkpoint (``model_type ==
+    'llava'``): one per vision patch, plus the CLS token when ``vision_feature_select_strategy == 'full'`` (576
+    for LLaVA-v1.5's 336 px / 14 px CLIP tower, §IV-A); None for other models (LLaVA-NeXT tiles an image into a
+    size-dependent count)."""
+    try:
+        with open(os.path.join(model_dir, "config.json")) as fh:
+            cfg = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    if cfg.get("model_type") != "llava" or ("image_token_index" not in cfg and "image_token_id" not in cfg):
+        return None
+    vis = cfg.get("vision_config") or {}
+    side = int(vis.get("image_size", 336)) // int(vis.get("patch_size", 14))
+    count = side * side + (1 if cfg.get("vision_feature_select_strategy", "default") == "full" else 0)
+    return int(cfg.get("image_token_index", cfg.get("image_token_id"))), count
+
+
+def check_image_tokens(outputs, expected: tuple[int, int] | None) -> None:
+    """Raise unless every vLLM output's prompt holds exactly the image tokens one image becomes (the picture
+    reached the model, whole); outputs without ``prompt_token_ids`` or an unknown model are not checked."""
+    if expected is None:
+        return
+    tok, count = expected
+    for i, o in enumerate(outputs):
+        ids = getattr(o, "prompt_token_ids", None)
+        if ids is None:
+            continue
+        n = sum(1 for t in ids if t == tok)
+        if n != count:
+            raise RuntimeError(f"vLLM request {i}: the image reached the model as {n} image tokens (id {tok}), "
+                               f"expected {count}: the prompt or the checkpoint's processor config is wrong")
 
 
 def reply_text(output) -> str:
@@ -61,6 +102,7 @@ class VLLMEngine(VLMEngine):
         self.engine_kwargs = dict(engine_kwargs or {})
         self._llm = llm
         self._sampling = sampling_params
+        self._image_tokens = llava_image_tokens(self.model_path) if llm is None else None
 
     @classmethod
     def describe(cls, model: str, max_tokens: int = 96, temperature: float = 0.0, max_model_len: int = 4096,
@@ -89,19 +131,32 @@ class VLLMEngine(VLMEngine):
             self._sampling = vllm.SamplingParams(temperature=self.temperature, max_tokens=self.max_tokens)
         return self._sampling
 
-    def generate(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[str]:
+    def outputs(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list:
+        """vLLM's ``RequestOutput`` per (image, prompt) pair, in request order, each checked to carry its image
+        as the model's count of image tokens (:func:`check_image_tokens`). A dead engine core raises
+        :class:`EngineDeadError`."""
         reqs = vllm_requests(prompts, images)
-        out: list[str] = []
+        out: list = []
         for sl in chunks(len(reqs), self.batch_size):
             batch = reqs[sl]
-            res = list(self.llm.generate(batch, self.sampling_params, use_tqdm=False))
+            try:
+                res = list(self.llm.generate(batch, self.sampling_params, use_tqdm=False))
+            except Exception as e:
+                if type(e).__name__ == "EngineDeadError":  # vllm.v1.engine.exceptions; not importable here
+                    raise EngineDeadError(f"the vLLM engine core died: {e}") from e
+                raise
             if len(res) != len(batch):
                 raise RuntimeError(f"vLLM returned {len(res)} outputs for {len(batch)} requests")
             for req, o in zip(batch, res):
                 p = getattr(o, "prompt", None)
                 if p is not None and p != req["prompt"]:
                     raise RuntimeError("vLLM returned outputs out of request order")
-                out.append(reply_text(o))
+            check_image_tokens(res, self._image_tokens)
+            out.extend(res)
+        return out
+
+    def generate(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[str]:
+        out = [reply_text(o) for o in self.outputs(images, prompts)]
         empty = sum(1 for t in out if not t)
         if empty:
             log.warning("vllm engine: %d of %d replies are empty", empty, len(out))
