@@ -113,9 +113,8 @@ def test_the_quickstart_run_matches_nmar(tmp_path, ray_session):
 
 
 def _kill_a_train_worker_after_a_checkpoint(run_dir, killed: dict, timeout: float = 600.0) -> None:
-    """Watcher: once the Ray Train run in ``run_dir`` has written a checkpoint, SIGKILL one RayTrainWorker process
-    and record the newest checkpointed step at that moment (``killed["step"]``)."""
-    import glob
+    """Watcher: once the Ray Train run in ``run_dir`` has registered a checkpoint, SIGKILL one RayTrainWorker
+    process and record the newest registered checkpoint's step at that moment (``killed["step"]``)."""
     import signal
 
     import psutil
@@ -124,12 +123,17 @@ def _kill_a_train_worker_after_a_checkpoint(run_dir, killed: dict, timeout: floa
 
     t0 = time.time()
     while time.time() - t0 < timeout:
+        # A checkpoint folder on disk is not yet one Ray Train resumes from: the controller registers it once the
+        # report completes, and records that in its snapshot (what the restart uses); on a loaded machine the gap
+        # is long enough for a kill to land between the two (the worker group then restarts from step 0).
         steps = []
-        for d in glob.glob(os.path.join(run_dir, "checkpoint_*")):
-            try:
-                steps.append(int(load_state(d)["step"]))
-            except Exception:  # noqa: BLE001 - a checkpoint still being written
-                pass
+        try:
+            with open(os.path.join(run_dir, "checkpoint_manager_snapshot.json")) as f:
+                latest = json.load(f).get("latest_checkpoint_result") or {}
+            if latest.get("checkpoint_dir_name"):
+                steps.append(int(load_state(os.path.join(run_dir, latest["checkpoint_dir_name"]))["step"]))
+        except Exception:  # noqa: BLE001 - no snapshot yet, or one being written
+            pass
         if steps:
             for proc in psutil.process_iter(["pid", "cmdline"]):
                 if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
