@@ -355,15 +355,19 @@ class MARIngress:
         return JSONResponse({"id": job_id, "state": "queued", "total": len(study.slices), "with_metal": with_metal,
                              "status_url": f"/v1/jobs/{job_id}"}, status_code=202)
 
-    @api.get("/v1/jobs/{job_id}", dependencies=[Depends(_auth)])
-    async def job_status(self, job_id: str) -> dict:
-        """State (queued, running, done, failed, cancelled), slices total / done / with metal, ETA in seconds."""
+    async def _known_job(self, call, job_id: str):
+        """``call(job_id)`` on the job store off the event loop; an unknown job id is a 404 naming it."""
         from dudocrop.service.jobs import UnknownJob
 
         try:
-            st = await asyncio.to_thread(self.store.status, job_id)
+            return await asyncio.to_thread(call, job_id)
         except UnknownJob as e:
             raise HTTPException(404, str(e)) from e
+
+    @api.get("/v1/jobs/{job_id}", dependencies=[Depends(_auth)])
+    async def job_status(self, job_id: str) -> dict:
+        """State (queued, running, done, failed, cancelled), slices total / done / with metal, ETA in seconds."""
+        st = await self._known_job(self.store.status, job_id)
         if st["state"] in ("queued", "running") and job_id not in self._tasks:
             self._start(job_id)  # its runner died with a previous ingress process
         return st
@@ -371,12 +375,7 @@ class MARIngress:
     @api.get("/v1/jobs/{job_id}/result", dependencies=[Depends(_auth)])
     async def job_result(self, job_id: str):
         """The corrected study: a zip of derived DICOM instances, or a NIfTI volume (.nii.gz)."""
-        from dudocrop.service.jobs import UnknownJob
-
-        try:
-            rec = await asyncio.to_thread(self.store.record, job_id)
-        except UnknownJob as e:
-            raise HTTPException(404, str(e)) from e
+        rec = await self._known_job(self.store.record, job_id)
         if rec["state"] != "done":
             raise HTTPException(409, f"job {job_id} is {rec['state']}: no result yet")
         data = await asyncio.to_thread(self.store.result, job_id)
@@ -388,12 +387,7 @@ class MARIngress:
     @api.delete("/v1/jobs/{job_id}", dependencies=[Depends(_auth)])
     async def job_cancel(self, job_id: str) -> dict:
         """Cancel a job (its inputs and finished slices are deleted; a finished job keeps its result)."""
-        from dudocrop.service.jobs import UnknownJob
-
-        try:
-            rec = await asyncio.to_thread(self.store.cancel, job_id)
-        except UnknownJob as e:
-            raise HTTPException(404, str(e)) from e
+        rec = await self._known_job(self.store.cancel, job_id)
         return {"id": job_id, "state": rec["state"]}
 
 

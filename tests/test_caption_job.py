@@ -45,19 +45,9 @@ def _sha(path) -> str:
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """(data dir, [ShardInfo]): prepared tiny synthetic shards with a manifest, never written to by the tests."""
-    from dudocrop.ct.geometry import get_geometry
-    from dudocrop.data.build import ShardSpec, SourceOptions, build_shard, list_case_refs
-    from dudocrop.data.shards import write_manifest
+    from tests.shard_fixtures import tiny_caption_shards
 
-    out = tmp_path_factory.mktemp("shards")
-    opts = SourceOptions(source="synthetic", geometry="tiny", n_patients=4, slices_per_patient=2)
-    refs = list_case_refs(opts)
-    infos, k = [], 0
-    for i, n in enumerate(SIZES):
-        infos.append(build_shard(ShardSpec(f"train-{i:05d}.parquet", "train", tuple(refs[k:k + n])), opts, str(out)))
-        k += n
-    write_manifest(str(out), infos, get_geometry("tiny").to_dict(), {"test": True})
-    return out, infos
+    return tiny_caption_shards(tmp_path_factory.mktemp("shards"), SIZES, n_patients=4)
 
 
 class Counting(CaptionEngine):
