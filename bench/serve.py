@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     from ray import serve
 
     from dudocrop.atomic import write_json
-    from serve.app import build_app
+    from serve.app import app_with
     from tests.serve_fixtures import npy_bytes, phantom, tiny_model_folder
 
     tmp = tempfile.mkdtemp(prefix="dudocrop-bench-serve-")
@@ -194,7 +194,7 @@ def main(argv=None) -> int:
     autoscaling = {"min_replicas": 1, "max_replicas": a.max_replicas, "initial_replicas": 1,
                    "target_ongoing_requests": 2, "metrics_interval_s": 0.5, "look_back_period_s": 2.0,
                    "upscale_delay_s": a.upscale_delay, "downscale_delay_s": a.downscale_delay}
-    app = build_app({"model_uri": model, "store": os.path.join(tmp, "jobs"),
+    app = app_with({"model_uri": model, "store": os.path.join(tmp, "jobs"),
                      "max_batch_size": a.max_batch_size},
                     model_options={"autoscaling_config": autoscaling, "max_ongoing_requests": 8,
                                    "max_queued_requests": 256, "ray_actor_options": {"num_cpus": 1}},

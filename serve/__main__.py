@@ -37,12 +37,12 @@ def main(argv=None) -> int:
     import ray
     from ray import serve
 
-    from serve.app import build_app
+    from serve.app import app_with
 
     args = {k: v for k, v in vars(a).items() if v is not None and k not in ("host", "port", "replicas")}
     ray.init(include_dashboard=False)
     serve.start(http_options={"host": a.host, "port": a.port})
-    app = build_app(args, model_options={"num_replicas": a.replicas})
+    app = app_with(args, model_options={"num_replicas": a.replicas})
     serve.run(app, name="dudocrop", route_prefix="/")
     print(f"serving on http://{a.host}:{a.port} (Ctrl-C stops)", flush=True)
     stop = threading.Event()

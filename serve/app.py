@@ -391,10 +391,15 @@ class MARIngress:
         return {"id": job_id, "state": rec["state"]}
 
 
-def build_app(args: dict | None = None, model_options: dict | None = None, ingress_options: dict | None = None):
-    """The application (``serve run serve.app:build_app model_uri=...``; ``serve/config.yaml`` imports it).
-    ``model_options`` / ``ingress_options``: ``Deployment.options`` for code that runs it without a config file
-    (``python -m serve``, the tests, the bench)."""
+def build_app(args: dict):
+    """The application builder that ``serve run serve/config.yaml`` (and ``serve run serve.app:build_app
+    model_uri=...``) calls with the config's ``args``: Serve requires exactly one parameter."""
+    return app_with(args)
+
+
+def app_with(args: dict | None = None, model_options: dict | None = None, ingress_options: dict | None = None):
+    """The application, with ``Deployment.options`` for code that runs it without a config file
+    (``python -m serve``, the tests, the bench): ``model_options`` / ``ingress_options``."""
     s = settings_from(args)
     if not s.model_uri.startswith(("runs:/", "models:/")) and "://" not in s.model_uri:
         s = replace(s, model_uri=os.path.abspath(s.model_uri))

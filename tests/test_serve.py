@@ -41,13 +41,13 @@ def _free_port() -> int:
 def svc(ray_session, tmp_path_factory):
     from ray import serve
 
-    from serve.app import build_app
+    from serve.app import app_with
 
     root = tmp_path_factory.mktemp("serve")
     model = tiny_model_folder(str(root / "model"), steps=1)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app({"model_uri": model, "store": str(root / "jobs"), "max_batch_size": 4,
+    app = app_with({"model_uri": model, "store": str(root / "jobs"), "max_batch_size": 4,
                      "max_decoded_mb": 16, "max_request_mb": 8, "job_concurrency": 4},
                     model_options={"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}},
                     ingress_options={"ray_actor_options": {"num_cpus": 0.1}})
@@ -301,6 +301,14 @@ def test_config_yaml_is_a_valid_serve_config():
             cfg = ServeDeploySchema.model_validate(yaml.safe_load(f))
         app = cfg.applications[0]
         assert app.import_path == "serve.app:build_app"
+        # the builder goes through the same call `serve run <config>` makes (it refused a 3-parameter builder)
+        from ray.serve import Application
+        from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+        from serve.app import build_app
+
+        built = call_user_app_builder_with_args_if_necessary(build_app, dict(app.args, model_uri="m", store="j"))
+        assert isinstance(built, Application)
         model = {d.name: d for d in app.deployments}["MARModel"]
         a = model.autoscaling_config
         assert a["min_replicas"] < a["max_replicas"]
