@@ -42,17 +42,11 @@ EMB_DIM = 16  # width of the random test embeddings (the real ones are the CLIP 
 def data(tmp_path_factory):
     """Tiny synthetic shards (16 train + 4 val slices, ≈20 s) and an ``embeddings`` sidecar of RANDOM unit
     vectors (a stand-in for stage 1 so these tests do not depend on it)."""
-    from dudocrop.ct.geometry import get_geometry
-    from dudocrop.data.build import ShardSpec, SourceOptions, build_shard, list_case_refs
-    from dudocrop.data.shards import write_manifest
     from dudocrop.data.sidecar import write_sidecar
+    from tests.shard_fixtures import tiny_train_val_shards
 
     out = str(tmp_path_factory.mktemp("sde-shards"))
-    opts = SourceOptions(source="synthetic", geometry="tiny", n_patients=10, slices_per_patient=2)
-    refs = list_case_refs(opts)
-    infos = [build_shard(ShardSpec("train-00000.parquet", "train", tuple(refs[:16])), opts, out),
-             build_shard(ShardSpec("val-00000.parquet", "val", tuple(refs[16:])), opts, out)]
-    write_manifest(out, infos, get_geometry("tiny").to_dict(), {"test": True})
+    infos = tiny_train_val_shards(out)
     rng = np.random.default_rng(0)
     for info in infos:
         import pyarrow.parquet as pq

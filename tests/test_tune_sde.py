@@ -145,16 +145,10 @@ def test_sweep_pictures_are_written(tmp_path):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """Tiny synthetic shards: 16 train + 4 val slices (no embeddings: the sweeps train the plain IR-SDE)."""
-    from dudocrop.ct.geometry import get_geometry
-    from dudocrop.data.build import ShardSpec, SourceOptions, build_shard, list_case_refs
-    from dudocrop.data.shards import write_manifest
+    from tests.shard_fixtures import tiny_train_val_shards
 
     out = str(tmp_path_factory.mktemp("tune-shards"))
-    opts = SourceOptions(source="synthetic", geometry="tiny", n_patients=10, slices_per_patient=2)
-    refs = list_case_refs(opts)
-    infos = [build_shard(ShardSpec("train-00000.parquet", "train", tuple(refs[:16])), opts, out),
-             build_shard(ShardSpec("val-00000.parquet", "val", tuple(refs[16:])), opts, out)]
-    write_manifest(out, infos, get_geometry("tiny").to_dict(), {"test": True})
+    tiny_train_val_shards(out)
     return out
 
 
