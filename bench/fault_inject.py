@@ -33,41 +33,22 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from dudocrop.procs import tree  # noqa: E402 - after the repository is on the path
+
 RUNNING = re.compile(r"train_all: \[(\w+)\] running")
 DONE = re.compile(r"train_all: \[(\w+)\] done in ([\d.]+)s")
 
 
 # ---- killing a process tree ------------------------------------------------------------------------------------
-def _children() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            kids.setdefault(ppid, []).append(int(d))
-    return kids
-
-
-def _tree(root: int) -> set[int]:
-    kids, seen, todo = _children(), set(), [root]
-    while todo:
-        pid = todo.pop()
-        if pid not in seen:
-            seen.add(pid)
-            todo += kids.get(pid, [])
-    return seen
-
-
 def crash(p: subprocess.Popen) -> int:
     """SIGKILL ``p`` and every process it started; returns how many were killed."""
     frozen: set[int] = set()
-    while (tree := _tree(p.pid)) - frozen:
-        for pid in tree - frozen:
+    while (live := tree(p.pid)) - frozen:
+        for pid in live - frozen:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGSTOP)
-        frozen |= tree
+        frozen |= live
     for pid in frozen:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)

@@ -22,6 +22,7 @@ from dudocrop.ct.geometry import get_geometry
 from dudocrop.data.build import SourceOptions, list_case_refs, plan_shards
 from dudocrop.data.schema import records_to_table
 from dudocrop.data.shards import MANIFEST_NAME, write_shard
+from dudocrop.procs import alive, tree
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "ray_jobs" / "prepare_data.py"
@@ -77,55 +78,24 @@ def _stamp(p: Path) -> tuple[int, int]:
     return st.st_ino, st.st_mtime_ns
 
 
-def _children() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{d}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # the name field may hold spaces: split after it
-        kids.setdefault(ppid, []).append(int(d))
-    return kids
-
-
-def _tree(root: int) -> set[int]:
-    kids, seen, todo = _children(), set(), [root]
-    while todo:
-        pid = todo.pop()
-        if pid not in seen:
-            seen.add(pid)
-            todo += kids.get(pid, [])
-    return seen
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _crash(p: subprocess.Popen) -> None:
     """SIGKILL the driver and every process it started, the Ray workers included (they run in sessions of their
     own, so the driver's process group alone would let a worker finish its shard after the "crash").
     The tree is frozen first (SIGSTOP until no new process appears), so nothing escapes by forking meanwhile."""
     frozen: set[int] = set()
-    while (tree := _tree(p.pid)) - frozen:
-        for pid in tree - frozen:
+    while (live := tree(p.pid)) - frozen:
+        for pid in live - frozen:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGSTOP)
-        frozen |= tree
+        frozen |= live
     for pid in frozen:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     p.communicate()
     t0 = time.time()
-    while any(_alive(pid) for pid in frozen) and time.time() - t0 < 30:
+    while any(alive(pid) for pid in frozen) and time.time() - t0 < 30:
         time.sleep(0.05)
-    assert not any(_alive(pid) for pid in frozen)
+    assert not any(alive(pid) for pid in frozen)
 
 
 def _kill_when_partial(out: Path, timeout: float = 300) -> set[str]:

@@ -28,7 +28,7 @@ import pytest
 from PIL import Image
 
 from dudocrop.captions import FIELDS
-from dudocrop.captions.vllm_engine import check_image_tokens, llava_image_tokens
+from dudocrop.captions.vllm_engine import check_image_tokens, engine_core_pids, llava_image_tokens
 
 REPO = Path(__file__).resolve().parent.parent
 VLLM_PYTHON = os.environ.get("DUDOCROP_VLLM_PYTHON", "")
@@ -187,35 +187,6 @@ def test_caption_job_runs_vllm_actors_end_to_end(probe, shards, tiny_llava, tmp_
     check_sidecars(data, cdir, infos, probe["replies"])
 
 
-def _descendants(pid: int) -> list[int]:
-    """Processes under ``pid`` (from /proc; this test's own Ray cluster is started by this process)."""
-    parent = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                parent[int(d)] = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        kids = [c for c, pp in parent.items() if pp == p]
-        out += kids
-        todo += kids
-    return out
-
-
-def _engine_cores() -> list[int]:
-    found = []
-    for p in _descendants(os.getpid()):
-        try:
-            if "EngineCore" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace"):
-                found.append(p)
-        except OSError:
-            pass
-    return found
-
-
 @real
 @pytest.mark.timeout(1800)
 def test_caption_actor_restarts_after_its_engine_core_dies(probe, shards, tiny_llava, tmp_path):
@@ -239,7 +210,7 @@ def test_caption_actor_restarts_after_its_engine_core_dies(probe, shards, tiny_l
     killed, deadline = [], time.time() + 600
     while not killed and t.is_alive() and time.time() < deadline:
         if any(cdir.glob("*.captions.parquet")):  # a first row is checkpointed
-            killed = _engine_cores()
+            killed = engine_core_pids()
             for p in killed:
                 os.kill(p, signal.SIGKILL)
         time.sleep(0.02)
@@ -250,4 +221,4 @@ def test_caption_actor_restarts_after_its_engine_core_dies(probe, shards, tiny_l
     assert sum(s["reused"] for s in by.values()) >= 1  # a restarted actor resumed a checkpointed shard
     assert result["manifest"]["totals"]["rows"] == sum(SIZES)
     check_sidecars(data, cdir, infos, probe["replies"])
-    assert not [p for p in _engine_cores() if p in killed]
+    assert not [p for p in engine_core_pids() if p in killed]

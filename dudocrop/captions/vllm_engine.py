@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from PIL import Image
 
 from dudocrop.captions.engine import VLMEngine, check_vlm_inputs, chunks, resolve_model
+from dudocrop.procs import alive, cmdline, tree
 
 log = logging.getLogger(__name__)
 
@@ -84,39 +85,10 @@ def reply_text(output) -> str:
     return ((getattr(outs[0], "text", None) or "") if outs else "").strip()
 
 
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, parent pid) of a process from /proc (Linux, where vLLM runs); None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return fields[0], int(fields[1])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def engine_core_pids() -> list[int]:
     """This process's descendants that are vLLM engine cores (vLLM titles them ``VLLM::EngineCore``); empty
     where /proc is absent."""
-    parent: dict[int, int] = {}
-    for d in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if d.isdigit() and (st := _proc_stat(int(d))) is not None:
-            parent[int(d)] = st[1]
-    mine, found = {os.getpid()}, []
-    for _ in range(8):  # descendants, a few generations deep
-        mine |= {p for p, pp in parent.items() if pp in mine}
-    for p in sorted(mine - {os.getpid()}):
-        try:
-            with open(f"/proc/{p}/cmdline", "rb") as f:
-                if b"EngineCore" in f.read():
-                    found.append(p)
-        except OSError:
-            pass
-    return found
-
-
-def _alive(pid: int) -> bool:
-    st = _proc_stat(pid)
-    return st is not None and st[0] != "Z"
+    return sorted(p for p in tree(os.getpid()) - {os.getpid()} if "EngineCore" in cmdline(p))
 
 
 class VLLMEngine(VLMEngine):
@@ -221,7 +193,7 @@ class VLLMEngine(VLMEngine):
             worker.join(0.5)
             if not worker.is_alive():
                 break
-            dead = [p for p in self._engine_pids if not _alive(p)]
+            dead = [p for p in self._engine_pids if not alive(p)]
             if dead:
                 raise EngineDeadError(f"vLLM engine process(es) {dead} exited while generate was running")
             if time.monotonic() > deadline:
