@@ -127,7 +127,7 @@ def test_save_load_round_trip_is_exact_and_checks_the_frozen_towers(splits, tmp_
     assert frozen_checksum(m) == frozen  # the step trained nothing frozen
     path = save_dudoclip(str(tmp_path / "dudoclip.pt"), m, {"note": "test"}, init_seed=7)
     assert sorted(os.listdir(tmp_path)) == ["dudoclip.pt"]  # atomic: no temporary left behind
-    blob = torch.load(path, weights_only=False)
+    blob = torch.load(path, weights_only=True)
     assert set(blob) == {"format", "config", "trainable", "meta"}
     assert blob["meta"]["is_random"] and blob["meta"]["init_seed"] == 7 and blob["meta"]["note"] == "test"
     back = load_dudoclip(path)
