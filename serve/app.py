@@ -191,6 +191,7 @@ class MARIngress:
         self.store = JobStore(self.settings.store)
         self._info: dict | None = None
         self._tasks: dict[str, asyncio.Task] = {}
+        self._refs: dict = {}  # job id -> DicomwebRef of a PACS job to store back (credentials in memory only)
         for job_id in self.store.unfinished():  # an ingress restart loses no job: resume from the store
             self._start(job_id)
 
@@ -241,12 +242,41 @@ class MARIngress:
                     raise ValueError(res["error"])
                 return res["hu"]
 
+            rec = self.store.record(job_id)
             await run_job(self.store, job_id, correct, get_geometry(info["geometry"]), info["metal_threshold_hu"],
                           concurrency=self.settings.job_concurrency, limits=self.limits,
-                          log=lambda m: logger.info(m))
+                          log=lambda m: logger.info(m), publish=self._store_back if rec.get("store") else None)
             self._tasks.pop(job_id, None)
 
         self._tasks[job_id] = asyncio.get_running_loop().create_task(go())
+
+    async def _from_pacs(self, body: bytes):
+        """A JSON job request naming a DICOMweb study: (reference, store, retrieved files) or a 4xx naming the
+        field (``dudocrop.service.dicomweb``)."""
+        from dudocrop.service import dicomweb
+        from dudocrop.service.inputs import InputError
+
+        try:
+            ref, store_back = dicomweb.parse_job_request(body)
+            files = await asyncio.to_thread(dicomweb.retrieve, ref, self.limits)
+        except InputError as e:
+            raise HTTPException(e.status, str(e)) from e
+        return ref, store_back, files
+
+    async def _store_back(self, job_id: str) -> dict:
+        """STOW-RS a finished PACS job's derived series to the study it came from: ``{"stored": {...}}``."""
+        from dudocrop.service import dicomweb
+
+        ref = self._refs.pop(job_id, None)
+        if ref is None:
+            src = self.store.record(job_id)["source"]
+            if src.get("auth"):
+                return {"store_error": "the PACS credentials were held by an ingress that restarted: not stored"}
+            ref = dicomweb.DicomwebRef(src["url"], src["study"], src.get("series"))
+        files = await asyncio.to_thread(self.store.result_files, job_id)
+        stored = await asyncio.to_thread(dicomweb.store, ref, files)
+        logger.info("job %s: %d derived instances stored with STOW-RS", job_id, stored["instances"])
+        return {"stored": stored}
 
     # -- routes ----------------------------------------------------------------------------------------------------
     @api.get("/healthz")
@@ -321,7 +351,9 @@ class MARIngress:
                          steps: int | None = Query(None, ge=1, le=1000),
                          k: float | None = Query(None, ge=0, le=1), alpha: float | None = Query(None, ge=0, le=1),
                          beta: float | None = Query(None, ge=0, le=1), seed: int = Query(0, ge=0, le=2**31 - 1)):
-        """A whole study: DICOM files as multipart/form-data, a zip of them, or a NIfTI volume (.nii / .nii.gz).
+        """A whole study: DICOM files as multipart/form-data, a zip of them, a NIfTI volume (.nii / .nii.gz), or
+        a JSON body naming a study on a PACS (``{"dicomweb": {"url", "study", "series", "auth"}, "store": bool}``,
+        retrieved with WADO-RS; with ``store`` the derived series goes back with STOW-RS, docs/pacs.md).
         Answers 202 with the job id; poll ``GET /v1/jobs/{id}``."""
         from dudocrop.ct.geometry import get_geometry
         from dudocrop.data.clinical import metal_mask_from_hu
@@ -329,7 +361,11 @@ class MARIngress:
         from dudocrop.service.inputs import InputError, decode_study
 
         body = await self._body(request)
-        files = await http_io.files(request, body, self.limits)
+        ref, store_back = None, False
+        if (request.headers.get("content-type") or "").split(";")[0].strip().lower() == "application/json":
+            ref, store_back, files = await self._from_pacs(body)
+        else:
+            files = await http_io.files(request, body, self.limits)
         info = await self.info()
         try:
             study = await asyncio.to_thread(decode_study, files, self.limits)
@@ -348,8 +384,11 @@ class MARIngress:
         params = {"steps": steps or info["steps"], "k": osro["k"] if k is None else k,
                   "alpha": osro["alpha"] if alpha is None else alpha, "beta": osro["beta"] if beta is None else beta,
                   "seed": seed}
+        pacs = {"source": ref.public(), "store": store_back} if ref is not None else {}
         job_id = await asyncio.to_thread(self.store.create, study, {
-            "with_metal": with_metal, "model_version": info["model_version"], "params": params})
+            "with_metal": with_metal, "model_version": info["model_version"], "params": params, **pacs})
+        if ref is not None and store_back:
+            self._refs[job_id] = ref  # its credentials live in this process only, never in job.json
         logger.info("job %s: %d slices (%d with metal) queued", job_id, len(study.slices), with_metal)
         self._start(job_id)
         return JSONResponse({"id": job_id, "state": "queued", "total": len(study.slices), "with_metal": with_metal,

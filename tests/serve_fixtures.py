@@ -123,3 +123,34 @@ def npy_bytes(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, a)
     return buf.getvalue()
+
+
+def metal_volume(n: int, metal_at: tuple[int, ...], seed: int = 0, geometry: str = "tiny") -> np.ndarray:
+    """A (n, H, W) HU volume of one patient-like body (``dudocrop.ct.patients``) on ``geometry``'s grid: every
+    slice a polychromatic scan of the same anatomy (``dudocrop.ct.simulate``, its own noise per slice), and the
+    slices ``metal_at`` holding one implant (the body's ``aapm_like`` metal preset, drawn once) with its
+    streaks: a stack as a scanner gives it, metal only where the implant runs."""
+    from dudocrop.ct.metal import sample_metal
+    from dudocrop.ct.operators import FanBeamOperator
+    from dudocrop.ct.patients import patient_phantom
+    from dudocrop.ct.simulate import simulate
+    from dudocrop.data.synthetic import metal_config_for
+
+    op = FanBeamOperator(geometry)
+    rng = np.random.default_rng(seed)
+    clean = patient_phantom("body", op.geometry, rng)
+    objects = sample_metal(metal_config_for("body", op.geometry), clean, op.geometry, rng)
+    res = simulate(np.repeat(clean[None, None], n, axis=0), op,
+                   metal=[objects if i in metal_at else () for i in range(n)], seed=seed)
+    return res.X_ma[:, 0].cpu().numpy().astype(np.float32)
+
+
+def ct_study(vol: np.ndarray, spacing: float, thickness: float = 2.5) -> list:
+    """A CT study of one axial series from a (slices, rows, cols) HU volume: shared Study / Series /
+    FrameOfReference UIDs, ImagePositionPatient stepping ``thickness`` mm along z (feet to head), SliceLocation,
+    InstanceNumber 1..n (each instance from :func:`ct_dataset`)."""
+    from pydicom.uid import generate_uid
+
+    st, se = generate_uid(), generate_uid()
+    return [ct_dataset(hu, spacing, z=thickness * i, study_uid=st, series_uid=se, instance=i + 1)
+            for i, hu in enumerate(vol)]

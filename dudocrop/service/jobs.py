@@ -105,6 +105,7 @@ class JobStore:
         rec = self.record(job_id)
         done = len(self.finished_slices(job_id)) if rec["state"] != "cancelled" else rec.get("done", 0)
         out = {k: rec.get(k) for k in ("id", "state", "fmt", "total", "with_metal", "model_version", "error")}
+        out.update({k: rec[k] for k in ("source", "store", "stored", "store_error") if k in rec})  # PACS jobs
         out["done"] = done
         started = rec.get("started")
         elapsed = (rec.get("finished") or time.time()) - started if started else 0.0
@@ -175,38 +176,62 @@ class JobStore:
             raise FileNotFoundError(f"job {job_id} is {rec['state']}: no result")
         return self._read(self._p("jobs", job_id, self.result_name(job_id)))
 
-    def finalize(self, job_id: str, study: Study) -> None:
-        """Write the corrected study (derived DICOM series in a zip, or a NIfTI volume) and mark the job done."""
-        from dudocrop.data.dicom_derived import derived_slice, new_series_uid, to_bytes
-
+    def finalize(self, job_id: str, study: Study, mark_done: bool = True) -> None:
+        """Write the corrected study (derived DICOM series in a zip, or a NIfTI volume) and mark the job done
+        (``mark_done=False``: the caller does, after storing the result elsewhere)."""
         rec = self.record(job_id)
         outs = [self.get_slice(job_id, i) for i in range(rec["total"])]
+        files = derived_files(study, outs, rec["model_version"], rec.get("params", {}), rec.get("series_uid"),
+                              rec.get("series_number"))
         if rec["fmt"] == "nifti":
-            data = nifti_bytes(nifti_like(study.nifti, np.stack([hu for hu, _ in outs])))
+            data = files[0][1]
         else:
-            series_uid = rec.get("series_uid") or new_series_uid()
-            p = rec.get("params", {})
             buf = io.BytesIO()
-            with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf, quiet_pydicom():
-                for i, (s, (hu, metal)) in enumerate(zip(study.slices, outs)):
-                    ds = derived_slice(s.dataset, hu, series_uid=series_uid, model_version=rec["model_version"],
-                                       steps=p.get("steps"), k=p["k"], alpha=p["alpha"], beta=p["beta"],
-                                       series_number=rec.get("series_number"), metal_free=metal == 0)
-                    zf.writestr(f"{i:05d}.dcm", to_bytes(ds))
+            with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+                for name, blob in files:
+                    zf.writestr(name, blob)
             data = buf.getvalue()
         atomic_write_bytes(self.fs, self._p("jobs", job_id, self.result_name(job_id)), data)
-        self.update(job_id, state="done", finished=time.time())
+        if mark_done:
+            self.update(job_id, state="done", finished=time.time())
+
+    def result_files(self, job_id: str) -> list[bytes]:
+        """The derived DICOM instances of a DICOM job's result, in slice order (what its result zip holds)."""
+        with zipfile.ZipFile(io.BytesIO(self._read(self._p("jobs", job_id, "result.zip")))) as zf:
+            return [zf.read(n) for n in sorted(zf.namelist())]
+
+
+def derived_files(study: Study, outs: list[tuple[np.ndarray, int]], model_version: str, params: dict,
+                  series_uid: str | None = None, series_number: int | None = None) -> list[tuple[str, bytes]]:
+    """The corrected study as files: one derived DICOM instance per input instance (``00000.dcm`` ..., a new
+    series of the same study) or one NIfTI volume (``result.nii.gz``). ``outs`` holds, per slice in order, its
+    corrected HU on the input grid and its metal pixel count (0: returned as it came)."""
+    from dudocrop.data.dicom_derived import derived_slice, new_series_uid, to_bytes
+
+    if study.fmt == "nifti":
+        return [("result.nii.gz", nifti_bytes(nifti_like(study.nifti, np.stack([hu for hu, _ in outs]))))]
+    series_uid = series_uid or new_series_uid()
+    files = []
+    with quiet_pydicom():
+        for i, (s, (hu, metal)) in enumerate(zip(study.slices, outs)):
+            ds = derived_slice(s.dataset, hu, series_uid=series_uid, model_version=model_version,
+                               steps=params.get("steps"), k=params["k"], alpha=params["alpha"], beta=params["beta"],
+                               series_number=series_number, metal_free=metal == 0)
+            files.append((f"{i:05d}.dcm", to_bytes(ds)))
+    return files
 
 
 async def run_job(store: JobStore, job_id: str, correct: Callable[[np.ndarray], Awaitable[np.ndarray]],
                   geometry: FanBeamGeometry, threshold_hu: float, *, concurrency: int = 8, retries: int = 3,
                   retry_delay_s: float = 0.5, limits: Limits | None = None, log: Callable[[str], None] = print,
-                  max_runs: int = 3) -> str:
+                  max_runs: int = 3, publish: Callable[[str], Awaitable[dict]] | None = None) -> str:
     """Work a job through: skip finished slices, finish metal-free ones at once, send each metal slice (on the
     model grid) to ``correct`` with at most ``concurrency`` in flight, retrying a failed call ``retries`` times
     (a lost model replica: the call is re-queued), then write the result. Returns the final state. A job marked
     cancelled stops before its next slice. A job started ``max_runs`` times without finishing (one that takes its
-    process down each time) is failed instead of resumed forever."""
+    process down each time) is failed instead of resumed forever. ``publish`` (a PACS job's STOW-RS) runs
+    after the result is written and before the job is marked done; the dict it returns (``stored``) is recorded
+    on the job, and so is its failure (``store_error``), which leaves the corrected study done."""
     rec = store.record(job_id)
     if rec["state"] in FINAL_STATES:
         return rec["state"]
@@ -248,7 +273,14 @@ async def run_job(store: JobStore, job_id: str, correct: Callable[[np.ndarray], 
         await asyncio.gather(*(one(i) for i in range(len(study.slices)) if i not in done))
         if await asyncio.to_thread(cancelled):
             return "cancelled"
-        await asyncio.to_thread(store.finalize, job_id, study)
+        await asyncio.to_thread(store.finalize, job_id, study, publish is None)
+        if publish is not None:
+            try:
+                extra = await publish(job_id)
+            except Exception as e:  # noqa: BLE001 - the result stands; why it could not be stored is recorded
+                extra = {"store_error": f"{type(e).__name__}: {e}"[:500]}
+                log(f"job {job_id}: store failed ({type(e).__name__})")
+            await asyncio.to_thread(store.update, job_id, state="done", finished=time.time(), **extra)
         log(f"job {job_id}: done, {len(study.slices)} slices")
         return "done"
     except Exception as e:  # noqa: BLE001 - recorded on the job; the message names no patient data
