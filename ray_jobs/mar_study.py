@@ -178,7 +178,8 @@ def run(a: argparse.Namespace, log=print) -> dict:
         ds = ray.data.from_items([{"index": i, "model_hu": prepared[i].model_hu} for i in metal])
         ds = ds.map_batches(Corrector, fn_constructor_kwargs={"models": a.models, "overrides": overrides,
                                                               "osro": osro},
-                            batch_size=a.batch_size, concurrency=concurrency, num_cpus=a.cpus_per_actor,
+                            batch_size=a.batch_size, compute=ray.data.ActorPoolStrategy(size=concurrency),
+                            num_cpus=a.cpus_per_actor,
                             num_gpus=1 if gpus >= 1 else 0)
         with tqdm(total=len(metal), desc="slices with metal", unit="slice", file=sys.stderr) as bar:
             for row in ds.iter_rows():

@@ -72,6 +72,7 @@ def start_orthanc(folder: str, users: dict[str, str] | None = None, timeout_s: f
     exe, plugin = orthanc_binary()
     if exe is None or plugin is None:
         pytest.skip("Orthanc or its DICOMweb plugin is not installed (Debian packages orthanc, orthanc-dicomweb)")
+    os.makedirs(folder, exist_ok=True)
     http, dicom = _free_port(), _free_port()
     cfg = {"Name": "dudocrop-test", "StorageDirectory": os.path.join(folder, "db"),
            "IndexDirectory": os.path.join(folder, "db"), "HttpPort": http, "DicomPort": dicom,
