@@ -247,6 +247,7 @@ class MARIngress:
                           concurrency=self.settings.job_concurrency, limits=self.limits,
                           log=lambda m: logger.info(m), publish=self._store_back if rec.get("store") else None)
             self._tasks.pop(job_id, None)
+            self._refs.pop(job_id, None)  # a failed or cancelled PACS job drops its credentials too
 
         self._tasks[job_id] = asyncio.get_running_loop().create_task(go())
 

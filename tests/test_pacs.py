@@ -247,6 +247,7 @@ def test_retrieve_refuses_a_series_over_the_limits(orthanc, pacs_study):  # noqa
     assert e.value.status == 413
 
 
+@pytest.mark.slow  # a second Ray Data actor start-up (15-50 s here); the DICOMweb test below runs by default
 def test_mar_study_folder_in(ray_session, model, pacs_study, expected, tmp_path):
     from ray_jobs.mar_study import main
 
