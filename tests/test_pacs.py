@@ -293,3 +293,27 @@ def test_mar_study_from_orthanc_with_store(ray_session, model, orthanc, pacs_stu
     c, series = _series(orthanc, study_uid)
     assert s["stored"]["series"] in series
     _check_derived(dss, list(c.iter_series(study_uid, s["stored"]["series"])), expected, hu)
+
+
+def test_job_request_parsing_names_the_field_and_hides_credentials():
+    """No PACS needed: the JSON body's refusals, and credentials kept out of repr and the public record."""
+    from dudocrop.service.dicomweb import parse_job_request
+    from dudocrop.service.inputs import InputError
+
+    ok = {"url": "http://pacs:8042/dicom-web/", "study": "1.2.3", "series": None,
+          "auth": {"type": "bearer", "token": "s3cret"}}
+    ref, store = parse_job_request(json.dumps({"dicomweb": ok, "store": True}).encode())
+    assert store and ref.url == "http://pacs:8042/dicom-web" and ref.auth.token == "s3cret"
+    assert "s3cret" not in repr(ref) and "s3cret" not in json.dumps(ref.public())
+    assert ref.public() == {"url": "http://pacs:8042/dicom-web", "study": "1.2.3", "series": None, "auth": "bearer"}
+    bad = {b"[1]": "body:", json.dumps({"dicomweb": ok, "extra": 1}): "body: unknown field(s) ['extra']",
+           json.dumps({"store": True}): "dicomweb: missing",
+           json.dumps({"dicomweb": {**ok, "url": "ftp://x"}}): "dicomweb.url:",
+           json.dumps({"dicomweb": {**ok, "study": "1." + "2" * 70}}): "dicomweb.study:",
+           json.dumps({"dicomweb": {**ok, "series": 5}}): "dicomweb.series:",
+           json.dumps({"dicomweb": {**ok, "auth": {"type": "digest"}}}): "dicomweb.auth.type:",
+           json.dumps({"dicomweb": {**ok, "auth": {"type": "bearer", "token": ""}}}): "dicomweb.auth.token:"}
+    for body, want in bad.items():
+        with pytest.raises(InputError) as e:
+            parse_job_request(body if isinstance(body, bytes) else body.encode())
+        assert str(e.value).startswith(want) and e.value.status == 422, (body, str(e.value))
