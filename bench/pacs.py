@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -137,6 +138,7 @@ def main(argv=None) -> dict:
             proc.kill()
         if ray.is_initialized():
             ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(a.out, exist_ok=True)
     from dudocrop.atomic import write_json
 
