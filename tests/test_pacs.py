@@ -227,8 +227,10 @@ def test_bad_pacs_requests_get_a_4xx_naming_the_field(svc, orthanc, pacs_study):
     assert code == 422 and msg.startswith("dicomweb.auth:") and "HTTP 401" in msg and "t0ken" not in msg
     code, msg = post({"dicomweb": {**good, "auth": None}})
     assert code == 422 and msg.startswith("dicomweb.auth:") and "no credentials" in msg
+    t0 = time.perf_counter()
     code, msg = post({"dicomweb": {**good, "url": f"http://127.0.0.1:{_free_port()}/dicom-web"}})
     assert code == 422 and msg.startswith("dicomweb.url: cannot reach")
+    assert time.perf_counter() - t0 < 15  # dicomweb-client's default retries kept this request waiting ~30 s
     assert requests.get(url + "/healthz", timeout=60).status_code == 200
 
 
