@@ -123,3 +123,24 @@ def npy_bytes(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, a)
     return buf.getvalue()
+
+
+def artifact_study(n: int, metal_at: tuple[int, ...], seed: int = 0) -> list:
+    """``n`` CT instances of one series on the ``tiny`` grid (64², 6.25 mm), slices 2.5 mm apart: the phantom's
+    water body and bone disc, and in the slices ``metal_at`` two titanium discs (hip-implant-like, 16 mm) with
+    their metal artifacts simulated by :func:`dudocrop.ct.simulate.simulate` (polychromatic, noisy): dark bands
+    and streaks between them, what a scan with an implant shows. Metal-free slices are the clean phantom."""
+    from pydicom.uid import generate_uid
+
+    from dudocrop.ct.metal import MetalObject
+    from dudocrop.ct.simulate import simulate
+
+    metal = tuple(MetalObject("disc", "titanium", (x, -10.0), 16.0) for x in (-55.0, 55.0))
+    st, se = generate_uid(), generate_uid()
+    out = []
+    for i in range(n):
+        x = phantom(64, 6.25, metal=False, shift_mm=2.0 * i)
+        if i in metal_at:
+            x = simulate(x, "tiny", metal=metal, seed=seed + i).X_ma[0, 0].numpy()
+        out.append(ct_dataset(x, 6.25, z=2.5 * i, study_uid=st, series_uid=se, instance=i + 1))
+    return out
