@@ -198,3 +198,177 @@ def test_previews_take_the_apps_bearer_token(bare):
             assert requests.get(url + path, headers={"Authorization": "Bearer s3cret"}, timeout=30).status_code == 200
     finally:
         api.state.token = None
+
+
+# ---- the page in a real browser against the Serve app ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def svc_token(ray_session, tmp_path_factory, monkeypatch_module):
+    """The Serve app (tiny untrained model, 1 step; ``DUDOCROP_VIEWER_MODEL`` names another model folder, e.g. a
+    trained one for the README's screenshot) with a bearer token: its URL."""
+    from ray import serve
+
+    from serve.app import app_with
+
+    root = tmp_path_factory.mktemp("viewer-serve")
+    model = os.environ.get("DUDOCROP_VIEWER_MODEL") or tiny_model_folder(str(root / "model"), steps=1)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    monkeypatch_module.setenv("DUDOCROP_SERVE_TOKEN", TOKEN)
+    app = app_with({"model_uri": model, "store": str(root / "jobs"), "max_batch_size": 4, "job_concurrency": 4},
+                   model_options={"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}},
+                   ingress_options={"ray_actor_options": {"num_cpus": 0.1}})
+    serve.run(app, name="dudocrop-viewer-test", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.delete("dudocrop-viewer-test")
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def _chrome(download_dir: str):
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip: the dev extra)")
+    for exe in (CHROMIUM, CHROMEDRIVER):
+        if not os.access(exe, os.X_OK):
+            pytest.skip(f"{exe} is absent: apt-get install -y chromium chromium-driver")
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1500,1000",
+              "--force-device-scale-factor=1", "--disable-extensions", "--no-first-run"):
+        opts.add_argument(a)
+    opts.add_experimental_option("prefs", {"download.default_directory": download_dir,
+                                           "download.prompt_for_download": False})
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)  # no Selenium Manager
+    driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": download_dir})
+    return driver
+
+
+def _canvas(driver, name: str) -> np.ndarray:
+    """The RGBA pixels on a canvas, (rows, cols, 4) uint8, as the page drew them."""
+    data = driver.execute_script(
+        "const c = document.getElementById(arguments[0]);"
+        "return [c.height, c.width, Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)];",
+        "cv-" + name)
+    return np.asarray(data[2], np.uint8).reshape(data[0], data[1], 4)
+
+
+def _gray(hu: np.ndarray, width: float, level: float) -> np.ndarray:
+    return np.clip(np.round((hu - (level - width / 2)) / width * 255), 0, 255)
+
+
+def test_browser_upload_progress_slices_windows_download(svc_token, tmp_path):
+    """Headless Chromium: token, upload, job, slider, wheel, keys, window presets, canvas pixels, download."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    url = svc_token
+    n = int(os.environ.get("DUDOCROP_VIEWER_SLICES", "6"))  # 32: the issue's end-to-end measurement
+    metal_at = tuple(range(n // 3, n // 3 + max(2, n // 4)))
+    s = metal_at[len(metal_at) // 2]
+    dss = artifact_study(n, metal_at)
+    paths = []
+    for i, d in enumerate(dss):
+        p = tmp_path / f"ct{i:02d}.dcm"
+        p.write_bytes(dicom_bytes(d))
+        paths.append(str(p))
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    t0 = time.time()
+    driver = _chrome(str(downloads))
+    try:
+        wait = WebDriverWait(driver, 240, poll_frequency=0.2)
+        driver.get(url + "/")
+        wait.until(lambda d: d.find_element(By.ID, "auth-panel").is_displayed())  # the app has a token: asked
+        driver.find_element(By.ID, "token").send_keys(TOKEN)
+        driver.find_element(By.CSS_SELECTOR, "#auth-form button").click()
+        driver.find_element(By.ID, "files").send_keys("\n".join(reversed(paths)))
+        driver.find_element(By.ID, "upload").click()
+        wait.until(lambda d: d.find_element(By.ID, "cv-corrected").get_attribute("data-slice") is not None)
+        job_s = time.time() - t0
+        job = driver.find_element(By.ID, "job-id").text
+        assert len(job) == 32
+        prog = driver.find_element(By.ID, "progress")
+        assert prog.get_attribute("value") == prog.get_attribute("max") == str(n)
+        assert driver.find_element(By.ID, "job-text").text.startswith(
+            f"done · {n}/{n} slices ({len(metal_at)} with metal)")
+        slider = driver.find_element(By.ID, "slice")
+        # it opens on the middle slice with metal, in the paper's window [-175, 275] HU
+        assert slider.get_attribute("value") == str(s) and slider.get_attribute("max") == str(n - 1)
+        cv = driver.find_element(By.ID, "cv-corrected")
+        assert cv.get_attribute("data-window") == "450,50"
+
+        def shown(i):
+            wait.until(lambda d: all(d.find_element(By.ID, f"cv-{k}").get_attribute("data-slice") == str(i)
+                                     for k in ("original", "corrected", "difference")))
+
+        shown(s)
+        hdr = {"Authorization": f"Bearer {TOKEN}"}
+        pre = np.load(io.BytesIO(requests.get(f"{url}/v1/jobs/{job}/slices/{s}", headers=hdr, timeout=30).content))
+        orig, corr = _canvas(driver, "original"), _canvas(driver, "corrected")
+        outline = (orig[..., 0] == 255) & (orig[..., 1] == 40)  # the metal outline (red)
+        metal = pre[0] >= 2500
+        assert outline.any() and (outline <= metal).all()  # outlined pixels are metal pixels
+        gray = ~outline
+        # the canvases are the previews windowed to [-175, 275] HU (to one grey level), and the slice is corrected
+        np.testing.assert_allclose(orig[..., 1][gray], _gray(pre[0], 450, 50)[gray], atol=1)
+        np.testing.assert_allclose(corr[..., 1][gray], _gray(pre[1], 450, 50)[gray], atol=1)
+        assert (np.abs(orig[..., 1].astype(int) - corr[..., 1]) > 8)[gray].sum() > 50, "no visible correction"
+        shot = tmp_path / "viewer.png"
+        driver.save_screenshot(str(shot))
+        if os.environ.get("DUDOCROP_SCREENSHOT"):
+            shutil.copyfile(shot, os.environ["DUDOCROP_SCREENSHOT"])
+
+        slider.send_keys(Keys.ARROW_LEFT)  # the slider moves one slice
+        shown(s - 1)
+        assert "metal pixels" in driver.find_element(By.ID, "slice-text").text
+        ActionChains(driver).scroll_from_origin(ScrollOrigin.from_element(cv), 0, 120).perform()  # wheel: next
+        shown(s)
+        driver.find_element(By.TAG_NAME, "body").send_keys(Keys.ARROW_RIGHT)  # arrow key: next
+        shown(s + 1)
+        assert ("metal pixels" if s + 1 in metal_at else "no metal") in driver.find_element(By.ID, "slice-text").text
+
+        def jump(i):
+            driver.execute_script("const s = document.getElementById('slice'); s.value = arguments[0];"
+                                  "s.dispatchEvent(new Event('input'));", i)
+            shown(i)
+
+        jump(n - 1)
+        assert "no metal: passed through" in driver.find_element(By.ID, "slice-text").text
+        o4, c4 = _canvas(driver, "original"), _canvas(driver, "corrected")
+        np.testing.assert_array_equal(o4, c4)  # a metal-free slice comes back as it went in
+        jump(s)
+        before = _canvas(driver, "corrected")
+        Select(driver.find_element(By.ID, "preset")).select_by_value("bone")
+        wait.until(lambda d: d.find_element(By.ID, "cv-corrected").get_attribute("data-window") == "1800,400")
+        after = _canvas(driver, "corrected")
+        assert (before[..., 1] != after[..., 1]).sum() > 500  # the window switch changed the pixels
+        np.testing.assert_allclose(after[..., 1][gray], _gray(pre[1], 1800, 400)[gray], atol=1)
+        ww = driver.find_element(By.ID, "ww")
+        ww.clear()
+        ww.send_keys("1000")
+        wait.until(lambda d: d.find_element(By.ID, "cv-corrected").get_attribute("data-window") == "1000,400")
+        assert Select(driver.find_element(By.ID, "preset")).first_selected_option.get_attribute("value") == "custom"
+
+        driver.find_element(By.ID, "download").click()
+        got = downloads / f"{job}-result.zip"
+        wait.until(lambda d: got.exists())
+        zf = zipfile.ZipFile(got)
+        assert len(zf.namelist()) == n
+        out = pydicom.dcmread(io.BytesIO(zf.read(sorted(zf.namelist())[s])))
+        np.testing.assert_allclose(_hu(out), pre[1], atol=1)  # the download is what the viewer showed
+
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, errors
+    finally:
+        driver.quit()
+    print(f"browser test: job of {n} slices shown after {job_s:.1f} s, whole test {time.time() - t0:.1f} s")

@@ -57,7 +57,7 @@ async function init() {
     const h = await (await fetch("healthz")).json();
     state.threshold = h.metal_threshold_hu;
     $("model").textContent = `model ${h.model_version} · ${h.geometry} geometry (${h.image_size}², ` +
-      `${h.pixel_size_mm} mm) · ${h.device} ${h.precision} · ${h.steps} steps · metal ≥ ${h.metal_threshold_hu} HU`;
+      `${h.pixel_size_mm} mm) · ${h.device} ${h.precision} · ${h.steps ?? "the model's"} steps · metal ≥ ${h.metal_threshold_hu} HU`;
   } catch (e) {
     showMessage("the service does not answer /healthz: " + e.message);
   }
@@ -65,7 +65,7 @@ async function init() {
     const cfg = await (await fetch("viewer/config")).json();
     if (cfg.auth_required) {
       $("auth-panel").hidden = false;
-      if (state.token) $("auth-msg").textContent = "Token set (from this tab's session).";
+      if (state.token) $("auth-msg").textContent = "token set (kept for this tab)";
     }
   } catch (e) {
     showMessage("the service does not answer /viewer/config: " + e.message);
@@ -78,7 +78,7 @@ $("auth-form").addEventListener("submit", (ev) => {
   ev.preventDefault();
   state.token = $("token").value.trim();
   sessionStorage.setItem(TOKEN_KEY, state.token);
-  $("auth-msg").textContent = "Token set.";
+  $("auth-msg").textContent = "token set";
   showMessage("");
 });
 
@@ -157,6 +157,7 @@ function follow(id) {
   state.cache.clear();
   state.pending.clear();
   history.replaceState(null, "", "#job=" + id);
+  $("start").open = false;
   $("job").hidden = false;
   $("viewer").hidden = true;
   $("job-id").textContent = id;
