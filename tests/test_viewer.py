@@ -368,6 +368,34 @@ def test_browser_upload_progress_slices_windows_download(svc_token, tmp_path):
         out = pydicom.dcmread(io.BytesIO(zf.read(sorted(zf.namelist())[s])))
         np.testing.assert_allclose(_hu(out), pre[1], atol=1)  # the download is what the viewer showed
 
+        # the PACS form posts the contract's JSON (fetch stubbed here: the PACS half is tested with Orthanc)
+        driver.execute_script(
+            "window._posted = []; const real = window.fetch; window.fetch = (u, o) => {"
+            "  if (o && o.method === 'POST') { const h = new Headers(o.headers);"
+            "    window._posted.push([String(u), h.get('content-type'), h.get('authorization'), o.body]);"
+            "    return Promise.resolve(new Response(JSON.stringify({detail: 'stub refused'}), {status: 400})); }"
+            "  return real(u, o); };")
+        driver.find_element(By.CSS_SELECTOR, "#start > summary").click()
+        driver.find_element(By.CSS_SELECTOR, "#start details > summary").click()  # the parameters
+        for fid, v in (("pacs-url", "http://pacs.example:8042/dicom-web"), ("pacs-study", "1.2.3"),
+                       ("pacs-user", "u"), ("pacs-pass", "p"), ("p-steps", "3")):
+            if fid == "pacs-user":
+                Select(driver.find_element(By.ID, "pacs-auth")).select_by_value("basic")
+            driver.find_element(By.ID, fid).send_keys(v)
+        driver.find_element(By.ID, "pacs-store").click()  # off
+        driver.find_element(By.ID, "pacs-go").click()
+        wait.until(lambda d: d.find_element(By.ID, "message").is_displayed())
+        assert "stub refused" in driver.find_element(By.ID, "message").text
+        (u, ctype, auth, body), = driver.execute_script("return window._posted")
+        assert u.startswith("v1/jobs?") and "steps=3" in u and "seed=0" in u
+        assert ctype == "application/json" and auth == f"Bearer {TOKEN}"
+        import json
+
+        assert json.loads(body) == {"dicomweb": {"url": "http://pacs.example:8042/dicom-web", "study": "1.2.3",
+                                                 "series": None,
+                                                 "auth": {"type": "basic", "username": "u", "password": "p"}},
+                                    "store": False}
+
         errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
         assert not errors, errors
     finally:
