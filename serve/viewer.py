@@ -98,14 +98,14 @@ async def job_slice(job_id: str, index: int, request: Request) -> Response:
 
 
 def _original(store, job_id: str, index: int, fmt: str) -> np.ndarray:
-    if fmt == "nifti":  # a volume is decoded whole: keep the last few, the viewer asks for its slices in turn
+    if fmt == "nifti":  # a volume is decoded whole: keep the last one (as int16), the page asks slice by slice
         return _nifti_volume(store, job_id)[index]
-    return store.input_slice(job_id, index)
+    return _to_int16(store.input_slice(job_id, index))
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=1)
 def _nifti_volume(store, job_id: str) -> np.ndarray:
-    return np.stack([s.hu for s in store.load_study(job_id).slices])
+    return _to_int16(np.stack([s.hu for s in store.load_study(job_id).slices]))
 
 
 def _to_int16(hu: np.ndarray) -> np.ndarray:
@@ -118,7 +118,7 @@ def _slice_npy(store, job_id: str, index: int, fmt: str) -> tuple[bytes, int]:
     if corrected.shape != original.shape:  # the job store's invariant: results live on the input grid
         raise HTTPException(500, f"job {job_id}: slice {index} result {corrected.shape} != input {original.shape}")
     buf = io.BytesIO()
-    np.save(buf, np.stack([_to_int16(original), _to_int16(corrected)]))
+    np.save(buf, np.stack([original, _to_int16(corrected)]))
     return buf.getvalue(), metal
 
 
