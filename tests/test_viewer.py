@@ -368,6 +368,27 @@ def test_browser_upload_progress_slices_windows_download(svc_token, tmp_path):
         out = pydicom.dcmread(io.BytesIO(zf.read(sorted(zf.namelist())[s])))
         np.testing.assert_allclose(_hu(out), pre[1], atol=1)  # the download is what the viewer showed
 
+        # a NIfTI volume through the same form: a new job, its slices in the volume's order
+        vol = np.stack([_hu(d) for d in dss[:3]])  # read_nifti's view of the file below
+        nii = tmp_path / "vol.nii.gz"
+        nii.write_bytes(nifti_volume_bytes(vol, 6.25))
+        driver.execute_script("document.getElementById('files').value = '';")
+        driver.find_element(By.CSS_SELECTOR, "#start > summary").click()
+        driver.find_element(By.ID, "files").send_keys(str(nii))
+        driver.find_element(By.ID, "upload").click()
+        wait.until(lambda d: d.find_element(By.ID, "job-id").text not in ("", job))
+        shown(2)  # the one metal slice of the three
+        job2 = driver.find_element(By.ID, "job-id").text
+        assert driver.find_element(By.ID, "slice").get_attribute("max") == "2"
+        pre2 = np.load(io.BytesIO(requests.get(f"{url}/v1/jobs/{job2}/slices/2", headers=hdr, timeout=30).content))
+        np.testing.assert_array_equal(pre2[0], np.rint(vol[2]))
+        o2 = _canvas(driver, "original")
+        gray2 = ~((o2[..., 0] == 255) & (o2[..., 1] == 40))
+        assert (~gray2).any()  # metal outlined
+        w, lev = map(float, driver.find_element(By.ID, "cv-original").get_attribute("data-window").split(","))
+        assert (w, lev) == (1000, 400)  # the window chosen above stays across jobs
+        np.testing.assert_allclose(o2[..., 1][gray2], _gray(vol[2], w, lev)[gray2], atol=1)
+
         # the PACS form posts the contract's JSON (fetch stubbed here: the PACS half is tested with Orthanc)
         driver.execute_script(
             "window._posted = []; const real = window.fetch; window.fetch = (u, o) => {"

@@ -158,6 +158,7 @@ function follow(id) {
   state.pending.clear();
   history.replaceState(null, "", "#job=" + id);
   $("start").open = false;
+  for (const c of document.querySelectorAll(".panels canvas")) delete c.dataset.slice;
   $("job").hidden = false;
   $("viewer").hidden = true;
   $("job-id").textContent = id;
