@@ -21,7 +21,7 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
-from serve import http_io
+from serve import http_io, viewer
 from serve.settings import TOKEN_ENV, ServeSettings, settings_from
 
 logger = logging.getLogger("ray.serve")
@@ -173,6 +173,10 @@ def _auth(request: Request) -> None:
         raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
 
+api.include_router(viewer.pages)  # the browser viewer (issue 22): its page, and job previews behind the same auth
+api.include_router(viewer.previews, dependencies=[Depends(_auth)])
+
+
 @serve.deployment(name="MARIngress", max_ongoing_requests=64, max_queued_requests=256,
                   graceful_shutdown_timeout_s=600)
 @serve.ingress(api)
@@ -189,6 +193,7 @@ class MARIngress:
         self.limits = Limits(max_request_bytes=int(self.settings.max_request_mb * (1 << 20)),
                              max_decoded_bytes=int(self.settings.max_decoded_mb * (1 << 20)))
         self.store = JobStore(self.settings.store)
+        api.state.job_store = self.store  # for the viewer's preview routes (serve/viewer.py)
         self._info: dict | None = None
         self._tasks: dict[str, asyncio.Task] = {}
         self._refs: dict = {}  # job id -> DicomwebRef of a PACS job to store back (credentials in memory only)

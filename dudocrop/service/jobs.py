@@ -158,6 +158,21 @@ class JobStore:
         study = decode_study([(n, self._read(f"{base}/{n}")) for n in names], limits)
         return study
 
+    def input_slice(self, job_id: str, index: int, limits: Limits | None = None) -> np.ndarray:
+        """The input HU of slice ``index`` in the job's (and the result's) order, on the input grid: one stored
+        DICOM instance decoded, or the stored NIfTI volume decoded whole. IndexError past the last slice;
+        FileNotFoundError once a cancelled job's inputs are gone."""
+        from dudocrop.service.inputs import decode_slice
+
+        rec = self.record(job_id)
+        if not 0 <= index < rec["total"]:
+            raise IndexError(f"job {job_id} has {rec['total']} slices: no slice {index}")
+        if rec["fmt"] == "nifti":
+            return self.load_study(job_id, limits).slices[index].hu
+        name = f"{index:05d}.dcm"
+        return decode_slice(self._read(self._p("jobs", job_id, "input", name)), "application/dicom", name,
+                            limits or Limits()).hu
+
     def put_slice(self, job_id: str, index: int, hu: np.ndarray, metal_pixels: int) -> None:
         buf = io.BytesIO()
         np.savez(buf, hu=np.asarray(hu, np.float32), metal_pixels=np.int64(metal_pixels))
