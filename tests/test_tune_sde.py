@@ -106,6 +106,26 @@ def test_train_all_runs_tune_lambda_before_stage_2_only_when_asked(tmp_path):
     assert "--tuned" not in off["sde_image"]
 
 
+def test_train_all_tune_lambda_stage_fits_the_tiny_presets_cluster(tmp_path, monkeypatch):
+    """The stage as train_all builds it for the tiny preset, with no --steps of its own (the image_set's 300 steps),
+    runs on a node with the preset's CPUs: its default validation interval divides the steps, and one trial (one
+    Train worker + the trial function) fits. Both broke the real run: 300 % 37 stopped it, and a trial of the
+    preset's 2 workers + 0.01 CPU waited forever on 2 CPUs."""
+    from ray_jobs import common, train_all, tune_sde
+
+    p = train_all.resolve_preset(train_all.parse_args(["--out", str(tmp_path), "--set", "tune_lambda=true"]))
+    t = tune_sde.parse_args(train_all.stage_argv(p, str(tmp_path), None)["tune_lambda"])
+    over = tune_sde.trial_config(t)
+    assert over["steps"] == 300 and 300 % over["validate_every"] == 0 and over["validate_every"] <= 300 // 8
+    monkeypatch.setattr(common, "cluster_cpus", lambda: float(p.workers * p.cpus_per_worker))
+    monkeypatch.setattr(common, "cluster_gpus", lambda: 0.0)
+    tune_sde.check_fits(t)  # fits: one 1-CPU worker per trial
+    assert tune_sde.max_concurrent(t) == 1
+    t.workers = p.workers  # the preset's 2 workers per trial would not: a clear error, not a hang
+    with pytest.raises(SystemExit, match="--workers 2"):
+        tune_sde.check_fits(t)
+
+
 def test_tune_sde_names_bad_arguments(capsys):
     from ray_jobs import tune_sde
 
