@@ -155,7 +155,10 @@ def test_sweep_pictures_are_written(tmp_path):
     paths = [plot_sde_sweep(tmp_path / "sde.png", history, trials, 40, trials[1]),
              plot_fusion_surface(tmp_path / "fusion.png", fusion, {"k": 1.0, "alpha": 0.5, "beta": 1.0}),
              plot_steps_sweep(tmp_path / "steps.png", [{"steps": s, "psnr": 30 + np.log(s), "ssim": 0.9,
-                                                         "seconds_per_slice": 0.01 * s} for s in (1, 2, 5)])]
+                                                         "seconds_per_slice": 0.01 * s} for s in (1, 2, 5)]),
+             plot_steps_sweep(tmp_path / "steps_cpu.png", [{"steps": s, "psnr": 30 + np.log(s), "ssim": 0.9,
+                                                             "seconds_per_slice": 0.02 * s,
+                                                             "cpu_seconds_per_slice": 0.01 * s} for s in (1, 2, 5)])]
     for p in paths:
         im = np.asarray(Image.open(p))
         assert im.shape[0] > 300 and im.shape[1] > 800 and im.std() > 10, p  # a drawn picture, not a blank one
