@@ -1,8 +1,8 @@
 """Evidence for the Ray Tune sweeps (issue 23): the λ sweep with ASHA, its restore after a killed driver, and the
 three pictures (λ sweep, fusion surface, steps sweep).
 
-    python bench/tune.py --json --data D --out O [--models M] [--lambdas 15,25,35,50,75,110] [--steps 200]
-        [--interval 25] [--no-restore]
+    python bench/tune.py --json --data D --out O [--models M] [--lambdas 15,25,35,50,75,110] [--steps 100]
+        [--interval 25] [--grace 50] [--no-restore]
 
 * λ sweep: ``ray_jobs/tune_sde.py`` on ``D`` (image domain, plain IR-SDE unless D has an embeddings sidecar and
   ``--embeddings``), ≥ 6 λ values with ASHA, one Ray Train worker per trial, trials side by side as the CPUs allow;
@@ -29,6 +29,40 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from dudocrop.config import RUN_PRESETS  # noqa: E402
+
+#: the trials' training settings: the tiny run preset's image-domain recipe (x0 output, standardised inputs, x0 loss
+#: on the body; its step count replaced by --steps) but starting from X_ma, the paper's μ (Eq. 12), instead of
+#: NMAR, and validation on the tiny data's 4 val slices with 4 sampler steps. From NMAR a short trial says nothing
+#: about λ: its first 200 steps only lose PSNR (bench/tune_length.py; docs/sweeps.md).
+TRIAL_SET: tuple[str, ...] = (*(s for s in RUN_PRESETS["tiny"].image_set
+                                if not s.startswith(("steps=", "validate_every=", "image_mu="))),
+                              "image_mu=ma", "val_slices=4", "val_steps=4")
+
+
+class LoadWatch:
+    """The host's 1-minute load average sampled every ``every`` seconds in a thread (the machine may be shared:
+    wall times mean little without it)."""
+
+    def __init__(self, every: float = 10.0):
+        import threading
+
+        self.samples: list[float] = [os.getloadavg()[0]]
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, args=(every,), daemon=True)
+        self._t.start()
+
+    def _run(self, every: float) -> None:
+        while not self._stop.wait(every):
+            self.samples.append(os.getloadavg()[0])
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._t.join()
+        s = self.samples + [os.getloadavg()[0]]
+        return {"load_avg_1min_mean": round(sum(s) / len(s), 2), "load_avg_1min_min": min(s),
+                "load_avg_1min_max": max(s), "samples": len(s), "host_cpus": os.cpu_count()}
 
 
 def _sweep_argv(a, out: str, lambdas: str, steps: int, interval: int, models: str | None) -> list[str]:
@@ -92,9 +126,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--models", default=None, help="trained model folder: also the fusion and steps pictures")
     ap.add_argument("--lambdas", default="15,25,35,50,75,110")
-    ap.add_argument("--steps", type=int, default=200)
+    # 100 steps: from X_ma the tiny image IR-SDE gains 1.4 dB on val by step 50 and 5.1 dB by step 100 (λ·255 = 50,
+    # bench/tune_length.py); ASHA's first cut at step 50, where the trials have started to differ
+    ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--interval", type=int, default=25)
-    ap.add_argument("--set", action="append", default=["patch=32", "val_slices=2", "val_steps=4"])
+    ap.add_argument("--grace", type=int, default=50, help="ASHA grace period (steps)")
+    ap.add_argument("--set", action="append", default=list(TRIAL_SET))
     ap.add_argument("--embeddings", action="store_true", help="train the guided IR-SDE (needs the sidecar)")
     ap.add_argument("--cpus-per-worker", type=float, default=1.0)
     ap.add_argument("--max-concurrent", type=int, default=None)
@@ -113,11 +150,14 @@ def main(argv=None) -> int:
     out = os.path.abspath(a.out)
     res: dict = {"data": a.data, "cpus": common.cluster_cpus()}
     sweep_models = os.path.join(out, "tuned")  # the bench records its choice here, not in a real model folder
+    watch = LoadWatch()
     s = tune_sde.run(tune_sde.parse_args(_sweep_argv(a, os.path.join(out, "lambda"), a.lambdas, a.steps,
-                                                     a.interval, sweep_models) + ["--grace", str(a.interval)]))
+                                                     a.interval, sweep_models) + ["--grace", str(a.grace)]))
     res["lambda_sweep"] = {k: s[k] for k in ("trials", "stopped_early", "seconds", "lam_255", "val_psnr", "val_ssim",
                                              "paper", "max_concurrent_trials", "steps", "interval", "picture")}
-    res["lambda_sweep"]["trials_table"] = [{k: t[k] for k in ("lam_255", "steps", "val_psnr", "stopped_early")}
+    res["lambda_sweep"].update(grace=a.grace, settings=a.set, host_load=watch.stop())
+    res["lambda_sweep"]["trials_table"] = [{k: t[k] for k in ("lam_255", "steps", "val_psnr", "val_psnr_input",
+                                                               "stopped_early")}
                                            for t in s["trials_table"]]
     from dudocrop.atomic import write_json
 

@@ -8,10 +8,14 @@ For every setting the three IR-SDE priors (Eq. 10-12, 16) are sampled again with
 (``dudocrop.eval.fusion.FusionCache``, the same sampling ``tune_fusion`` does) and fused (Eq. 13-15) twice: with the
 factors k, α, β in ``pipeline.json`` (``psnr``, ``ssim``: what the served model gives at that setting) and with the
 factors re-chosen on these priors from a 5-point grid (``psnr_refit``: how much re-tuning the factors would add).
-``seconds_per_slice`` is the wall time of the sampling divided by the slices (this machine, ``--gpu`` or not).
+``seconds_per_slice`` is the wall time of the sampling divided by the slices (this machine, ``--gpu`` or not);
+``cpu_seconds_per_slice`` is the process's CPU time over the same span (``time.process_time``), which other
+processes on a shared host do not inflate the way they inflate wall time. On the CPU the sweep runs torch on
+``--threads`` threads (default 1), so that CPU time is the work itself, not idle threads spinning.
 
 Writes ``<models>/steps.json`` (``STEPS_FILE``, the table the Serve app can quote: ``{"split", "slices",
-"device", "rows": [{"steps", "psnr", "ssim", "psnr_refit", "seconds_per_slice"}, ...]}``), ``<out>/steps.csv``
+"device", "threads", "rows": [{"steps", "psnr", "ssim", "psnr_refit", "seconds_per_slice",
+"cpu_seconds_per_slice"}, ...]}``), ``<out>/steps.csv``
 and ``<out>/steps.png``. Settings above the models' T are left out (the sampler has at most T steps).
 """
 
@@ -46,6 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--steps", default=",".join(map(str, DEFAULT_STEPS)), help="comma-separated step counts")
     ap.add_argument("--no-write", action="store_true", help=f"leave <models>/{STEPS_FILE} as is")
     ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU time is then the work itself)")
     a = ap.parse_args(argv)
     try:
         a.step_list = sorted({int(s) for s in a.steps.split(",") if s.strip()})
@@ -55,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--steps must hold integers >= 1, got {a.steps!r}")
     if a.max_slices < 1:
         ap.error("--max-slices must be >= 1")
+    if a.threads < 1:
+        ap.error("--threads must be >= 1")
     return a
 
 
@@ -75,6 +82,10 @@ def run(a: argparse.Namespace) -> dict:
     grid = [dict(zip(FACTORS, (k, al, be), strict=True)) for k in np.linspace(0, 1, 5) for al in np.linspace(0, 1, 5)
             for be in np.linspace(0, 1, 5)]
     device = "cuda" if a.gpu else "cpu"
+    if not a.gpu:
+        import torch
+
+        torch.set_num_threads(a.threads)
     cache_args = argparse.Namespace(data=a.data, split=a.split, max_slices=a.max_slices, batch_size=a.batch_size)
     rows = []
     T = None
@@ -85,19 +96,20 @@ def run(a: argparse.Namespace) -> dict:
             print(f"steps_sweep: {steps} steps > T = {T}: left out", flush=True)
             continue
         model = DuDoCROP.load(a.models, device=device, steps=steps)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         cache = build_cache(cache_args, model)
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         m = cache.score(base)
         _, refit = cache.best(base, grid)
         rows.append({"steps": steps, "psnr": m["psnr"], "ssim": m["ssim"], "psnr_refit": refit["psnr"],
-                     "seconds_per_slice": dt / len(cache.case_ids)})
+                     "seconds_per_slice": dt / len(cache.case_ids), "cpu_seconds_per_slice": cpu / len(cache.case_ids)})
         print(f"steps_sweep: {steps:3d} steps: PSNR {m['psnr']:.2f} dB (factors re-chosen {refit['psnr']:.2f}), SSIM "
-              f"{m['ssim']:.4f}, {rows[-1]['seconds_per_slice']:.3f} s/slice", flush=True)
+              f"{m['ssim']:.4f}, {rows[-1]['seconds_per_slice']:.3f} s/slice (CPU "
+              f"{rows[-1]['cpu_seconds_per_slice']:.3f} s)", flush=True)
     if not rows:
         raise SystemExit(f"steps_sweep: no setting of --steps {a.steps} is within the models' T = {T}")
     os.makedirs(a.out, exist_ok=True)
-    table = {"split": a.split, "slices": len(cache.case_ids), "device": device,
+    table = {"split": a.split, "slices": len(cache.case_ids), "device": device, "threads": None if a.gpu else a.threads,
              "factors": {f: getattr(base, f) for f in FACTORS}, "rows": rows}
     header = list(rows[0])
     write_text(os.path.join(a.out, "steps.csv"), "\n".join([",".join(header)] + [

@@ -123,8 +123,10 @@ def stage_argv(p: RunPreset, out: str, root: str | None, data: str | None = None
         "clip": ["--data", data, "--out", models, "--preset", p.clip_preset, "--storage", f"{models}/ray_train",
                  *res, *sets(p.clip_set)],
         "embed": ["--data", data, "--model", f"{models}/dudoclip.pt", *gpu],
+        # one Train worker per trial on CPUs (the global batch is the same; trials go side by side as CPUs allow):
+        # a trial of p.workers 1-CPU workers + its trial function would not fit a p.workers-CPU node at all
         "tune_lambda": ["--data", data, "--out", f"{out}/tune_sde", "--models", models, "--preset", p.sde_preset,
-                        "--domain", "image", *res, *sets(p.image_set)]
+                        "--domain", "image", *(res if p.gpu else ["--workers", "1", *res[2:]]), *sets(p.image_set)]
                        + ([] if p.tune_lambda_steps is None else ["--steps", str(p.tune_lambda_steps)]),
         "sde_image": [*sde, "--domain", "image", *sets(p.image_set), *tuned],
         "sde_sinogram": [*sde, "--domain", "sinogram", *sets(p.sinogram_set), *tuned],

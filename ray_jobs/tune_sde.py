@@ -114,7 +114,8 @@ def trial_config(a: argparse.Namespace) -> dict:
     ``interval`` steps (so every report carries the val PSNR ASHA compares)."""
     base = get_train_config(a.preset, domain=a.domain, **a.overrides)
     steps = a.steps or base.steps
-    interval = a.interval or max(1, steps // 8)
+    # default: the largest divisor of the steps up to steps // 8 (a preset's 300 steps: every 30)
+    interval = a.interval or next(i for i in range(max(1, steps // 8), 0, -1) if steps % i == 0)
     if steps % interval:
         raise SystemExit(f"tune_sde: --steps ({steps}) must be a multiple of --interval ({interval})")
     over = {**a.overrides, "domain": a.domain, "steps": steps, "validate_every": interval,
@@ -224,6 +225,18 @@ def _trial(config: dict, job: dict) -> None:
         raise RuntimeError(f"tune_sde: trial {trial_id} (λ·255 = {config['lam_255']}) failed: {result.error}")
 
 
+def check_fits(a: argparse.Namespace) -> None:
+    """SystemExit naming the options when one trial (its Train workers + the trial function's TRIAL_CPU) needs more
+    CPUs / GPUs than the cluster has: Tune would otherwise wait for the resources forever."""
+    cpus, gpus = common.cluster_cpus(), common.cluster_gpus()
+    need = a.workers * (0 if a.gpu else a.cpus_per_worker) + TRIAL_CPU
+    if need > cpus + 1e-9 or (a.gpu and a.workers > gpus):
+        what = f"{a.workers} GPUs" if a.gpu and a.workers > gpus else f"{need:g} CPUs"
+        raise SystemExit(f"tune_sde: one trial needs {what} (--workers {a.workers} x --cpus-per-worker "
+                         f"{a.cpus_per_worker}{' x 1 GPU' if a.gpu else ''} + {TRIAL_CPU} for the trial function), the "
+                         f"cluster has {cpus:g} CPUs / {gpus:g} GPUs: lower --workers or --cpus-per-worker")
+
+
 def max_concurrent(a: argparse.Namespace) -> int:
     """Trials that fit side by side: GPUs // workers with ``--gpu``, else CPUs // (workers × CPUs per worker)."""
     if a.max_concurrent:
@@ -283,6 +296,7 @@ def run(a: argparse.Namespace, extra_config: dict | None = None) -> dict:
     os.makedirs(out, exist_ok=True)
     uri = a.mlflow_uri or common.mlflow_uri(out)
     common.init_ray(a.address)
+    check_fits(a)
     space = sde_space(a.space, a.lambdas_255, a.lr_values, a.T_values)
     steps, interval = over["steps"], over["validate_every"]
     fp = _fingerprint(a, over)
@@ -348,17 +362,20 @@ def _trial_rows(results, steps: int) -> tuple[list[dict], list[dict]]:
         tid = (r.metrics or {}).get("trial_id") or os.path.basename(r.path)
         df = r.metrics_dataframe
         rep = [] if df is None or METRIC not in df else df[[TIME_ATTR, METRIC] + [
-            c for c in ("val_ssim", "resumed_from") if c in df]].dropna(subset=[METRIC]).to_dict("records")
+            c for c in ("val_ssim", "val_psnr_input", "resumed_from") if c in df]].dropna(subset=[METRIC]).to_dict(
+            "records")
         for h in rep:
             history.append({"trial_id": tid, "lam_255": cfg.get("lam_255"), "lr": cfg.get("lr"), "T": cfg.get("T"),
                             "step": int(h[TIME_ATTR]), "val_psnr": float(h[METRIC]),
                             "val_ssim": float(h.get("val_ssim", math.nan)),
+                            "val_psnr_input": float(h.get("val_psnr_input", math.nan)),
                             "resumed_from": int(h.get("resumed_from", 0))})
         last = rep[-1] if rep else {}
         reached = int(last.get(TIME_ATTR, 0))
         trials.append({"trial_id": tid, "lam_255": cfg.get("lam_255"), "lr": cfg.get("lr"), "T": cfg.get("T"),
                        "steps": reached, "val_psnr": float(last.get(METRIC, math.nan)),
                        "val_ssim": float(last.get("val_ssim", math.nan)),
+                       "val_psnr_input": float(last.get("val_psnr_input", math.nan)),  # X_ma (train_sde.validate)
                        "stopped_early": r.error is None and reached < steps,
                        "error": None if r.error is None else str(r.error)[:300]})
     return trials, history

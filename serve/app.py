@@ -12,6 +12,7 @@ job ids, shapes and error types, never names, ids or pixel values from the data.
 import asyncio
 import copy
 import hmac
+import json
 import logging
 import os
 from dataclasses import replace
@@ -36,6 +37,24 @@ def model_version(uri: str) -> str:
     p = os.path.join(uri, "pipeline.json")
     stamp = int(os.path.getmtime(p)) if os.path.exists(p) else 0
     return f"{os.path.basename(os.path.abspath(uri))}@{stamp}"
+
+
+def steps_table(uri: str) -> dict | None:
+    """The model folder's speed/quality table (``ray_jobs/steps_sweep.py``'s ``steps.json``: val PSNR / SSIM and
+    seconds per slice per number of reverse steps), so a client can pick ``steps``; None when the folder has none
+    or the model comes from an MLflow URI."""
+    p = os.path.join(uri, "steps.json")
+    if "://" in uri or uri.startswith(("runs:/", "models:/")) or not os.path.isfile(p):
+        return None
+    try:
+        with open(p) as f:
+            t = json.load(f)
+    except (OSError, ValueError) as e:
+        logger.warning("MARModel: %s is unreadable (%s); /healthz leaves the steps table out", p, e)
+        return None
+    keep = ("steps", "psnr", "ssim", "seconds_per_slice", "cpu_seconds_per_slice")
+    return {"split": t.get("split"), "slices": t.get("slices"), "device": t.get("device"),
+            "rows": [{k: r[k] for k in keep if k in r} for r in t.get("rows", [])]}
 
 
 # ---- the model deployment ------------------------------------------------------------------------------------------
@@ -64,6 +83,7 @@ class MARModel:
             torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
         self.model = DuDoCROP.load(s.model_uri, device=self.device, **overrides)
         self.version = model_version(s.model_uri)
+        self.steps_table = steps_table(s.model_uri)
         self.settings = s
         self._batched.set_max_batch_size(s.max_batch_size)
         self._batched.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
@@ -89,7 +109,7 @@ class MARModel:
                 "steps": self.model.config.steps, "metal_threshold_hu": self.model.config.metal_threshold_hu,
                 "osro": {"k": self.model.config.osro.k, "alpha": self.model.config.osro.alpha,
                          "beta": self.model.config.osro.beta},
-                "max_batch_size": self.settings.max_batch_size}
+                "max_batch_size": self.settings.max_batch_size, "steps_table": self.steps_table}
 
     async def check_health(self) -> None:
         """A tiny forward pass of the image U-Net (one evaluation at 32², or the U-Net's size multiple)."""
@@ -287,7 +307,8 @@ class MARIngress:
     # -- routes ----------------------------------------------------------------------------------------------------
     @api.get("/healthz")
     async def healthz(self) -> dict:
-        """Model id / version, geometry, device, precision, sampler steps."""
+        """Model id / version, geometry, device, precision, sampler steps, and the model folder's steps table
+        (speed / quality per number of reverse steps, ``steps.json``) when it has one."""
         return {"status": "ok", **(await self.info())}
 
     @api.post("/v1/mar", dependencies=[Depends(_auth)])

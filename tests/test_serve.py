@@ -5,6 +5,7 @@ a fuzz set of hostile inputs (no 5xx, healthy after) and, marked slow, a model r
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 import socket
@@ -37,6 +38,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+#: a steps_sweep table (ray_jobs/steps_sweep.py's steps.json) put in the served model folder
+STEPS_TABLE = {"split": "val", "slices": 2, "device": "cpu", "threads": 1, "rows": [
+    {"steps": 1, "psnr": 30.0, "ssim": 0.9, "psnr_refit": 30.1, "seconds_per_slice": 0.5, "cpu_seconds_per_slice": 0.4},
+    {"steps": 5, "psnr": 31.0, "ssim": 0.91, "psnr_refit": 31.2, "seconds_per_slice": 2.0,
+     "cpu_seconds_per_slice": 1.8}]}
+
+
 @pytest.fixture(scope="module")
 def svc(ray_session, tmp_path_factory):
     from ray import serve
@@ -45,6 +53,8 @@ def svc(ray_session, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("serve")
     model = tiny_model_folder(str(root / "model"), steps=1)
+    with open(os.path.join(model, "steps.json"), "w") as f:  # the steps sweep's table, as /healthz quotes it
+        json.dump(STEPS_TABLE, f)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = app_with({"model_uri": model, "store": str(root / "jobs"), "max_batch_size": 4,
@@ -78,6 +88,9 @@ def test_healthz_names_the_model(svc):
     h = r.json()
     assert h["geometry"] == "tiny" and h["device"] == "cpu" and h["precision"] == "fp32" and h["steps"] == 1
     assert h["model_version"].startswith("model@")
+    # the model folder's speed / quality table (ray_jobs/steps_sweep.py), without its refit column
+    assert h["steps_table"]["split"] == "val" and [r["steps"] for r in h["steps_table"]["rows"]] == [1, 5]
+    assert h["steps_table"]["rows"][1] == {k: v for k, v in STEPS_TABLE["rows"][1].items() if k != "psnr_refit"}
     assert requests.get(svc + "/openapi.json", timeout=30).json()["paths"].keys() >= {"/v1/mar", "/v1/jobs"}
 
 

@@ -128,13 +128,17 @@ def _edges(v: np.ndarray) -> np.ndarray:
 
 
 def plot_steps_sweep(path, rows: Sequence[Mapping]) -> str:
-    """``rows``: {steps, psnr, ssim, seconds_per_slice} per number of reverse steps."""
+    """``rows``: {steps, psnr, ssim, seconds_per_slice[, cpu_seconds_per_slice]} per number of reverse steps; the
+    cost panel draws the CPU time (black) next to the wall time (grey) when the rows have it."""
     rows = sorted(rows, key=lambda r: r["steps"])
     s = [r["steps"] for r in rows]
     fig, (ax1, ax2, ax3) = _figure(13, 3.8, 3)
+    cpu = all("cpu_seconds_per_slice" in r for r in rows)
+    if cpu:
+        ax3.plot(s, [r["seconds_per_slice"] for r in rows], "--s", color="0.6", label="wall")
     for ax, key, label in ((ax1, "psnr", "val PSNR (dB)"), (ax2, "ssim", "val SSIM"),
-                           (ax3, "seconds_per_slice", "seconds per slice")):
-        ax.plot(s, [r[key] for r in rows], "-o", color="black")
+                           (ax3, "cpu_seconds_per_slice" if cpu else "seconds_per_slice", "seconds per slice")):
+        ax.plot(s, [r[key] for r in rows], "-o", color="black", label="CPU" if ax is ax3 and cpu else None)
         ax.set_xscale("log")
         ax.set_xticks(s)
         ax.set_xticklabels([str(v) for v in s])
@@ -143,4 +147,7 @@ def plot_steps_sweep(path, rows: Sequence[Mapping]) -> str:
         ax.grid(alpha=0.3)
     ax1.set_title("X_o quality (priors re-sampled, re-fused)")
     ax3.set_title("cost per slice")
+    if cpu:
+        ax3.set_yscale("log")
+        ax3.legend(fontsize=8)
     return _save(fig, path)
