@@ -284,6 +284,7 @@ class MARIngress:
 
         try:
             ref, store_back = dicomweb.parse_job_request(body)
+            dicomweb.check_allowed(ref, self.settings.dicomweb_allow)
             files = await asyncio.to_thread(dicomweb.retrieve, ref, self.limits)
         except InputError as e:
             raise HTTPException(e.status, str(e)) from e

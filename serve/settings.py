@@ -20,7 +20,8 @@ class ServeSettings:
     size before the replica reports healthy. ``steps``: sampler steps (None: the model's). ``max_batch_size`` /
     ``batch_wait_timeout_s``: ``@serve.batch`` across requests. ``store``: where jobs live (folder or pyarrow
     URI). ``job_concurrency``: metal slices of one job in flight at once. ``max_request_mb`` / ``max_decoded_mb``:
-    bounds on a request body and on what its archives may expand to (413 beyond)."""
+    bounds on a request body and on what its archives may expand to (413 beyond). ``dicomweb_allow``: the
+    DICOMweb servers a PACS job may name, comma-separated base URLs or ``*`` (empty: PACS jobs refused)."""
 
     model_uri: str = "outputs/train_all/models"
     device: str = "auto"
@@ -34,6 +35,7 @@ class ServeSettings:
     max_request_mb: float = 256.0
     max_decoded_mb: float = 2048.0
     retry_after_s: int = 5
+    dicomweb_allow: str = ""
 
     def __post_init__(self):
         if self.device not in ("auto", "cpu", "cuda"):

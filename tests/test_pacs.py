@@ -38,15 +38,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+#: a DICOMweb URL on a port nothing listens on (the unreachable-server case)
+DEAD_PACS = f"http://127.0.0.1:{_free_port()}/dicom-web"
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return tiny_model_folder(str(tmp_path_factory.mktemp("pacs-model") / "model"), steps=1)
 
 
 @pytest.fixture(scope="module")
-def svc(ray_session, model, tmp_path_factory):
+def svc(ray_session, model, orthanc, tmp_path_factory):  # noqa: F811
     """The Serve app, one slice per model call (max_batch_size 1) so that each slice's sampler noise is the
-    one a direct call on that slice alone draws."""
+    one a direct call on that slice alone draws; it may reach the test's Orthanc and a port nothing listens on."""
     from ray import serve
 
     from serve.app import app_with
@@ -54,7 +58,9 @@ def svc(ray_session, model, tmp_path_factory):
     root = tmp_path_factory.mktemp("pacs-serve")
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = app_with({"model_uri": model, "store": str(root / "jobs"), "max_batch_size": 1, "job_concurrency": 2},
+    allow = f"{orthanc.dicomweb},{DEAD_PACS}"
+    app = app_with({"model_uri": model, "store": str(root / "jobs"), "max_batch_size": 1, "job_concurrency": 2,
+                    "dicomweb_allow": allow},
                    model_options={"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}},
                    ingress_options={"ray_actor_options": {"num_cpus": 0.1}})
     serve.run(app, name=APP, route_prefix="/")
@@ -209,6 +215,10 @@ def test_bad_pacs_requests_get_a_4xx_naming_the_field(svc, orthanc, pacs_study):
         return r.status_code, r.json()["detail"]
 
     assert post(None, b"{not json") == (400, "body: not valid JSON (JSONDecodeError)")
+    for other in ("http://169.254.169.254/latest/meta-data", orthanc.dicomweb.replace("/dicom-web", "/other"),
+                  orthanc.dicomweb.replace("http://", "https://")):  # not listed: refused before any request
+        code, msg = post({"dicomweb": {**good, "url": other}})
+        assert code == 403 and msg.startswith("dicomweb.url:") and "dicomweb_allow" in msg, (other, msg)
     code, msg = post({"dicomweb": {**good, "study": "not-a-uid"}})
     assert code == 422 and msg.startswith("dicomweb.study:")
     code, msg = post({"dicomweb": good, "store": "yes"})
@@ -228,7 +238,7 @@ def test_bad_pacs_requests_get_a_4xx_naming_the_field(svc, orthanc, pacs_study):
     code, msg = post({"dicomweb": {**good, "auth": None}})
     assert code == 422 and msg.startswith("dicomweb.auth:") and "no credentials" in msg
     t0 = time.perf_counter()
-    code, msg = post({"dicomweb": {**good, "url": f"http://127.0.0.1:{_free_port()}/dicom-web"}})
+    code, msg = post({"dicomweb": {**good, "url": DEAD_PACS}})
     assert code == 422 and msg.startswith("dicomweb.url: cannot reach")
     assert time.perf_counter() - t0 < 15  # dicomweb-client's default retries kept this request waiting ~30 s
     assert requests.get(url + "/healthz", timeout=60).status_code == 200
@@ -319,3 +329,24 @@ def test_job_request_parsing_names_the_field_and_hides_credentials():
         with pytest.raises(InputError) as e:
             parse_job_request(body if isinstance(body, bytes) else body.encode())
         assert str(e.value).startswith(want) and e.value.status == 422, (body, str(e.value))
+
+
+def test_only_the_listed_dicomweb_servers_are_reached():
+    """``dicomweb_allow``: scheme, host and port must match and the path must lie under the entry's; ``*`` is any;
+    empty is none (no PACS)."""
+    from dudocrop.service.dicomweb import DicomwebRef, check_allowed
+    from dudocrop.service.inputs import InputError
+
+    allow = "http://pacs.example:8042/dicom-web, https://archive.example/wado"
+    for url in ("http://pacs.example:8042/dicom-web", "http://PACS.example:8042/dicom-web/",
+                "https://archive.example:443/wado/rs", "https://archive.example/wado"):
+        check_allowed(DicomwebRef(url, "1.2"), allow)
+    for url in ("http://pacs.example:8043/dicom-web", "https://pacs.example:8042/dicom-web",
+                "http://pacs.example:8042/dicom-webx", "http://pacs.example:8042/", "http://archive.example/wado",
+                "https://archive.example.evil/wado", "http://169.254.169.254/latest/meta-data"):
+        with pytest.raises(InputError, match="dicomweb_allow") as e:
+            check_allowed(DicomwebRef(url, "1.2"), allow)
+        assert e.value.status == 403
+    check_allowed(DicomwebRef("http://anything:1/x", "1.2"), "*")
+    with pytest.raises(InputError, match="dicomweb_allow"):
+        check_allowed(DicomwebRef("http://pacs.example:8042/dicom-web", "1.2"), "")

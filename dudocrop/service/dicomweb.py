@@ -125,6 +125,29 @@ def parse_job_request(body: bytes) -> tuple[DicomwebRef, bool]:
     return parse_ref(doc["dicomweb"]), store
 
 
+def _origin(url: str) -> tuple[str, str, int, str]:
+    parts = urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme, 0)
+    return parts.scheme, (parts.hostname or "").lower(), port, parts.path.rstrip("/")
+
+
+def check_allowed(ref: DicomwebRef, allow: str) -> None:
+    """Refuse (403) a server the operator did not list: a service that fetches any URL a client names could be
+    made to reach the cluster's internal endpoints (cloud metadata, the Ray dashboard). ``allow`` is a
+    comma-separated list of DICOMweb base URLs (scheme, host and port must match; the reference's path must lie
+    under the entry's) or ``*`` for any server; empty allows none."""
+    entries = [e.strip() for e in allow.split(",") if e.strip()]
+    if "*" in entries:
+        return
+    scheme, host, port, path = _origin(ref.url)
+    for e in entries:
+        e_scheme, e_host, e_port, e_path = _origin(e)
+        if (scheme, host, port) == (e_scheme, e_host, e_port) and (path == e_path or path.startswith(e_path + "/")):
+            return
+    raise InputError(f"dicomweb.url: {ref.url} is not a DICOMweb server this service may reach (the operator "
+                     "lists them in the serve setting dicomweb_allow / DUDOCROP_DICOMWEB_ALLOW)", 403)
+
+
 # ---- talking to the PACS -------------------------------------------------------------------------------------------
 def client(ref: DicomwebRef):
     """A ``DICOMwebClient`` for the reference's server, its session carrying the credentials."""
