@@ -282,7 +282,7 @@ def fuse(X_p: torch.Tensor, X_p_prime: torch.Tensor, X_r_hat: torch.Tensor | Non
 DEFAULT_SAFEGUARD = 1.5
 
 
-def safeguard(X_p_hat: torch.Tensor, X_p_prime: torch.Tensor, cfg: OSROConfig, guard
+def safeguard(X_p_hat: torch.Tensor, X_p_prime: torch.Tensor, cfg: OSROConfig, guard, residuals=None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Beyond the paper (issue 25 §2): Eq. 15 with the image prior's weight moved to X'_p as far as needed, per
     slice, to keep X_o consistent with the measured rays. Returns (X_o, t, score).
@@ -291,12 +291,18 @@ def safeguard(X_p_hat: torch.Tensor, X_p_prime: torch.Tensor, cfg: OSROConfig, g
     :class:`dudocrop.metrics.consistency.ConsistencyCheck` on these units; X'_p's own residual is the unit) is at
     most ``cfg.safeguard``; t = 1 (X_o = (α + β)·X'_p) where none is. The residual is affine in the image, so
     r(t) = r(0) + t (r(1) − r(0)) and the score's square is a quadratic in t, solved exactly (two residuals).
-    ``k`` (Eq. 13) is left as tuned: it only shapes X̂_p, whose weight this moves."""
+    ``k`` (Eq. 13) is left as tuned: it only shapes X̂_p, whose weight this moves. ``residuals``: the guard's
+    residuals of (X̂_p, X'_p, a zero image) when the caller has them (the fusion tuning re-uses them across α, β);
+    every other residual is their affine combination."""
     a, b = cfg.alpha, cfg.beta
     x0 = a * X_p_hat + b * X_p_prime
     x1 = (a + b) * X_p_prime
-    r_ref = guard.size(guard.residual(X_p_prime))
-    r0, r1 = guard.residual(x0), guard.residual(x1)
+    if residuals is None:
+        residuals = (guard.residual(X_p_hat), guard.residual(X_p_prime), guard.residual(torch.zeros_like(X_p_hat)))
+    r_hat, r_prime, r_zero = residuals
+    r_ref = guard.size(r_prime)
+    r0 = a * (r_hat - r_zero) + b * (r_prime - r_zero) + r_zero
+    r1 = (a + b) * (r_prime - r_zero) + r_zero
     n = guard.off.flatten(1).sum(1).clamp_min(1.0)
     d = r1 - r0
     A = (d * d).flatten(1).sum(1) / n
