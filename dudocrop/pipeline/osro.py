@@ -278,7 +278,8 @@ def fuse(X_p: torch.Tensor, X_p_prime: torch.Tensor, X_r_hat: torch.Tensor | Non
 
 #: OSROConfig.safeguard's suggested bound (docs/consistency.md): faithful images score 0.3-1.0 against NMAR / X'_p
 #: on the probe slices, images with an organ painted out 7-180; at 1.5 a prior with an organ painted out ended within
-#: 1.00-1.01x NMAR's error on 7 of 8 probe slices (1.11x on the eighth), an exact prior lost 0.00 dB
+#: 1.00-1.01x NMAR's error on 7 of 8 probe slices (1.11x on the eighth), an exact prior lost 0.00 dB. Calibrated on
+#: the retrained small's val split (docs/val_decisions.md): the smallest bound whose PSNR cost there is <= 0.2 dB
 DEFAULT_SAFEGUARD = 1.5
 
 
