@@ -182,6 +182,10 @@ def test_fusion_cache_with_the_safeguard_fuses_as_the_pipeline(case, tmp_path):
         fell_back.append(cache.score(cfg)["fallback"])
         assert cache.score(cfg)["psnr"] > cache.score(replace(cfg, safeguard=None))["psnr"]
     assert min(fell_back) > 0.1, fell_back  # the safeguard acted on this prior
+    for cfg in (OSROConfig(k=0.3, alpha=0.9, beta=0.1, trust=0.2),  # spatial trust, alone and under the safeguard
+                OSROConfig(k=0.3, alpha=0.9, beta=0.1, trust=0.2, safeguard=1.2)):
+        want = pipe.refuse(out.priors, sim.X_ma, sim.metal_mask, cfg, sim.Y_ma, sim.metal_trace)
+        torch.testing.assert_close(cache.output_hu(cfg), want, rtol=1e-4, atol=1e-2)
     old = {f.name: getattr(cache, f.name) for f in fields(cache) if f.init and f.name not in ("y_ma", "trace",
                                                                                              "geometries")}
     torch.save({**old, "norm": vars(cache.norm)}, str(tmp_path / "old.pt"))

@@ -87,18 +87,35 @@ class FusionCache:
     def fused(self, cfg: OSROConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(X̂_p, X_o, the safeguard's fallback t or None) for ``cfg``, as the pipeline computes them
         (``osro.guarded_fuse``): Eq. 13-15, then the safeguard when ``cfg.safeguard`` is set."""
-        x_p_hat, x_o = fuse(self.X_p, self.X_p_prime, self.X_r_hat, self.region, cfg)
+        x_p_hat, x_o = fuse(self.X_p, self.X_p_prime, self.X_r_hat, self.region, cfg,
+                            self._trust() if cfg.trust is not None else None)
         if cfg.safeguard is None or not cfg.fusion:
             return x_p_hat, x_o, None
         t = torch.zeros(x_o.shape[0])
         x_o = x_o.clone()
         for name, idx, guard in self._guards():
-            key = (name, cfg.k, cfg.normalize, cfg.residual_refine, cfg.norm, cfg.norm_sigma)
+            key = (name, cfg.k, cfg.normalize, cfg.residual_refine, cfg.norm, cfg.norm_sigma, cfg.trust)
             if key not in self._memo:  # X̂_p's residual depends on k (and the Norm), not on α, β or the bound
                 self._memo[key] = guard.residual(x_p_hat[idx])
             res = (self._memo[key], self._memo[("prime", name)], self._memo[("zero", name)])
             x_o[idx], t[idx], _ = safeguard(x_p_hat[idx], self.X_p_prime[idx], cfg, guard, res)
         return x_p_hat, x_o, t
+
+    def _trust(self) -> torch.Tensor:
+        """``osro.trust_map`` of every slice in its geometry, built once (OSROConfig.trust)."""
+        if "trust" not in self._memo:
+            if self.trace is None or self.geometries is None:
+                raise ValueError("OSROConfig.trust needs the trace in the fusion cache; this cache was written "
+                                 "without it: rebuild it")
+            from dudocrop.ct.operators import FanBeamOperator
+            from dudocrop.pipeline.osro import trust_map
+
+            out = torch.zeros_like(self.X_p)
+            for name in sorted(set(self.geometries)):
+                idx = torch.as_tensor([i for i, g in enumerate(self.geometries) if g == name])
+                out[idx] = trust_map(self.trace[idx], FanBeamOperator(name))
+            self._memo["trust"] = out
+        return self._memo["trust"]
 
     def _guards(self):
         """[(geometry name, slice indices, ConsistencyCheck)]: the measured-data check per geometry, built once
