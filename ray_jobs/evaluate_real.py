@@ -43,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=None, help="reverse-diffusion steps (default: the models' T)")
     ap.add_argument("--safeguard", type=float, default=None, help="OSROConfig.safeguard bound (default: the "
                     "pipeline's, else osro.DEFAULT_SAFEGUARD)")
+    ap.add_argument("--save-images", action="store_true", help="also write every method's image per case (HU) "
+                    "with X_ref, X_ma and the metal mask to images.npz, for analysis (bench/real_anatomy_errors.py)")
     return ap.parse_args(argv)
 
 
@@ -57,7 +59,7 @@ def run(a: argparse.Namespace) -> dict:
         raise ValueError(f"--geometry {geometry!r} differs from the models' {model.geometry.name!r}")
     cases = real_anatomy_cases(geometry, n_draws=a.draws)
     os.makedirs(a.out, exist_ok=True)
-    rows, panels = [], {}
+    rows, panels, images = [], {}, {}
     for rec in cases:
         t = {k: torch.from_numpy(np.ascontiguousarray(rec[k]))[None, None]
              for k in ("X_ma", "X_ref", "Y_ma", "metal_mask", "metal_trace")}
@@ -83,6 +85,9 @@ def run(a: argparse.Namespace) -> dict:
             if name in outs:
                 rows += score_rows(label, "real anatomy", [rec["case_id"]], outs[name], t["X_ref"], mask, 0.0, None,
                                    roi, consistency=chk.score(outs[name], r_nmar))
+        if a.save_images:
+            for k, v in [("X_ref", t["X_ref"]), ("X_ma", x_ma), ("metal_mask", mask), *outs.items()]:
+                images.setdefault(k, []).append(v[0, 0].detach().cpu().numpy().astype(np.float32))
         sl = rec["case_id"].split("/")[0]
         if sl not in panels:
             panels[sl] = ({METHODS[k]: outs[k] for k in METHODS if k in outs}, t["X_ref"], mask)
@@ -102,6 +107,12 @@ def run(a: argparse.Namespace) -> dict:
     paths = write_tables(rows, a.out, stem="real_anatomy", title="Real anatomy (pydicom-data CT, simulated metal)",
                          notes=notes)
     write_json(os.path.join(a.out, "rows.json"), rows)
+    if a.save_images:
+        from dudocrop.atomic import atomic_open
+
+        with atomic_open(os.path.join(a.out, "images.npz")) as f:
+            np.savez_compressed(f, case_id=np.array([c["case_id"] for c in cases]),
+                                **{k: np.stack(v) for k, v in images.items()})
     for sl, (outs, ref, mask) in panels.items():
         comparison_panel(os.path.join(a.out, f"panel_{sl}.png"), outs, ref, mask)
     summary = summarize(rows)

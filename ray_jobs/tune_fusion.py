@@ -2,7 +2,7 @@
 held-out slices, from priors sampled once, and write them into the model folder's ``pipeline.json``.
 
     python ray_jobs/tune_fusion.py --data outputs/train_all/data --models outputs/train_all/models \\
-        --out outputs/train_all/fusion [--split val] [--steps 10] [--space grid --points 5]
+        --out outputs/train_all/fusion [--split val] [--steps 10] [--space grid --points 5] [--safeguard 1.5]
 
 The priors X_p, X'_p and the refined residual X̂_r of ``--max-slices`` slices of ``--split`` (never the test split
 the report scores) are sampled once (``dudocrop.eval.fusion.FusionCache``, saved as ``<out>/priors.pt``); each
@@ -11,6 +11,11 @@ thousands of random ones) cost seconds. The best trial by PSNR (ties: the refine
 ``dudocrop.eval.fusion.rank``) is written to ``pipeline.json`` with a record of
 how it was chosen; ``<out>/trials.csv`` holds every trial, ``<out>/fusion.json`` the summary, ``<out>/surface.png``
 (grid) the val PSNR over (α, β) at the chosen k and over k at the chosen (α, β), the chosen point marked.
+
+``--safeguard BOUND`` (beyond the paper, issue 25 §2) tunes with the measured-data safeguard on: every trial is
+scored with adaptive fusion (``OSROConfig.safeguard``) as the pipeline will run it, and the bound is written with
+k, α, β, so the tuned factors and the safeguard agree. ``--safeguard none`` tunes without it and writes it off;
+left out, the pipeline's own setting is kept and used.
 """
 
 from __future__ import annotations
@@ -35,6 +40,20 @@ from tune_spaces.fusion import FACTORS, fusion_space
 COLUMNS = ["case_id", "X_ma", "X_ref", "Y_ma", "metal_mask", "metal_trace", "geometry"]
 
 
+#: --safeguard left out: the stored pipeline's setting
+KEEP = "keep"
+
+
+def _bound(v: str):
+    if v.lower() == "none":
+        return None
+    try:
+        OSROConfig(safeguard=float(v))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--safeguard: {e}") from None
+    return float(v)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True)
@@ -47,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--space", default="grid", choices=("grid", "random"))
     ap.add_argument("--points", type=int, default=5, help="grid: values per factor in [0, 1]")
     ap.add_argument("--num-samples", type=int, default=1000, help="random: number of trials")
+    ap.add_argument("--safeguard", type=_bound, default=KEEP, help="OSROConfig.safeguard bound to tune with and "
+                    "write (a score >= 1), or 'none'; default: the pipeline's own")
     ap.add_argument("--no-write", action="store_true", help="report the best factors, leave pipeline.json as is")
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--address", default=None)
@@ -96,6 +117,8 @@ def run(a: argparse.Namespace) -> dict:
     cache.save(os.path.join(out, "priors.pt"))
     t_priors = time.time() - t0
     base = replace(stored.osro, normalize=True, fidelity=True, residual_refine=True, fusion=True)
+    if a.safeguard != KEEP:
+        base = replace(base, safeguard=a.safeguard)
     neutral = OSROConfig()  # the neutral start the sweep is compared with: OSROConfig's default k, α, β
     untuned = replace(base, **{f: getattr(neutral, f) for f in FACTORS})
     before = cache.score(untuned)
@@ -116,7 +139,8 @@ def run(a: argparse.Namespace) -> dict:
     if errors:
         raise RuntimeError(f"tune_fusion: {len(errors)} trials failed; first: {errors[0]}")
     df = results.get_dataframe()
-    cols = [f"config/{f}" for f in FACTORS] + ["psnr", "ssim", "psnr_refined"]
+    cols = [f"config/{f}" for f in FACTORS] + ["psnr", "ssim", "psnr_refined"] + (
+        ["fallback"] if "fallback" in df.columns else [])
     df = df[cols].rename(columns={f"config/{f}": f for f in FACTORS})
     df = df.iloc[sorted(range(len(df)), key=lambda i: rank(df.iloc[i]), reverse=True)]
     write_text(os.path.join(out, "trials.csv"), df.to_csv(index=False))
@@ -126,7 +150,8 @@ def run(a: argparse.Namespace) -> dict:
     record = {"split": a.split, "slices": len(cache.case_ids), "steps": a.steps, "space": a.space,
               "trials": len(df), "chosen": {f: getattr(chosen, f) for f in FACTORS}, "psnr": after["psnr"],
               "ssim": after["ssim"], "untuned": {f: getattr(untuned, f) for f in FACTORS},
-              "untuned_psnr": before["psnr"], "untuned_ssim": before["ssim"], "priors_seconds": t_priors,
+              "safeguard": chosen.safeguard, "untuned_psnr": before["psnr"], "untuned_ssim": before["ssim"],
+              "priors_seconds": t_priors,
               "tune_seconds": t_tune}
     if a.space == "grid":  # the surface of a grid: PSNR over (α, β) at the best k and over k at the best (α, β)
         from dudocrop.eval.sweep_plots import plot_fusion_surface
@@ -139,13 +164,14 @@ def run(a: argparse.Namespace) -> dict:
     print(f"tune_fusion: {len(df)} trials in {t_tune:.1f}s on {len(cache.case_ids)} slices of split {a.split!r} "
           f"(priors {t_priors:.1f}s)", flush=True)
     print(df.head(10).to_string(index=False), flush=True)
-    print(f"tune_fusion: k={chosen.k} alpha={chosen.alpha} beta={chosen.beta}: PSNR {after['psnr']:.2f} dB, SSIM "
-          f"{after['ssim']:.4f} (untuned k={untuned.k} alpha={untuned.alpha} beta={untuned.beta}: "
+    print(f"tune_fusion: k={chosen.k} alpha={chosen.alpha} beta={chosen.beta} safeguard={chosen.safeguard}: PSNR "
+          f"{after['psnr']:.2f} dB, SSIM {after['ssim']:.4f} (untuned k={untuned.k} alpha={untuned.alpha} "
+          f"beta={untuned.beta}: "
           f"{before['psnr']:.2f} dB, {before['ssim']:.4f})" + ("" if a.no_write else f"; written to {meta_path}"),
           flush=True)
     return {"trials": len(df), "psnr": after["psnr"], "ssim": after["ssim"], "untuned_psnr": before["psnr"],
-            **{f: getattr(chosen, f) for f in FACTORS}, "seconds_priors": t_priors, "seconds_tune": t_tune,
-            "osro": asdict(chosen)}
+            **{f: getattr(chosen, f) for f in FACTORS}, "safeguard": chosen.safeguard, "seconds_priors": t_priors,
+            "seconds_tune": t_tune, "osro": asdict(chosen)}
 
 
 def main(argv=None) -> int:

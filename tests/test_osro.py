@@ -128,3 +128,32 @@ def test_fuse_ablation_switches():
     assert torch.allclose(xh, X_p - X_rh)
     xh, _ = fuse(X_p, X_pp, X_rh, None, OSROConfig(k=1.0))
     assert float(xh.min()) == pytest.approx(float(X_p.min())) and float(xh.max()) == pytest.approx(float(X_p.max()))
+
+
+def test_trust_map_and_spatial_trust_keep_the_image_prior_only_near_the_metal():
+    """OSROConfig.trust (beyond the paper): the share of a pixel's rays on the metal trace is 1 at the metal and falls
+    with distance; X̂_p is kept where that share reaches ``trust`` and replaced by X'_p in proportion below it."""
+    from dudocrop.pipeline.osro import trust_map
+
+    op = FanBeamOperator("tiny")
+    n = op.geometry.image_shape[0]
+    mask = torch.zeros(1, 1, n, n)
+    mask[..., n // 2 - 2:n // 2 + 2, n // 2 + 10:n // 2 + 14] = 1.0  # a 4x4 px metal block right of the centre
+    f = trust_map(metal_trace(mask, op), op)
+    assert f.shape == mask.shape and float(f.min()) >= 0.0 and float(f.max()) <= 1.0
+    assert float(f[mask > 0].min()) > 0.9  # every ray through the metal is on the trace
+    near, far = float(f[0, 0, n // 2, n // 2 + 16]), float(f[0, 0, n // 2, n // 2 - 20])
+    assert near > 2 * far > 0, (near, far)
+    x_p, x_prime = torch.full_like(f, 0.3), torch.full_like(f, 0.2)
+    cfg = OSROConfig(k=0.0, alpha=1.0, beta=0.0, trust=0.5, normalize=False, residual_refine=False)
+    x_hat, x_o = fuse(x_p, x_prime, None, None, cfg, f)
+    w = (f / 0.5).clamp(max=1.0)
+    torch.testing.assert_close(x_hat, w * 0.3 + (1 - w) * 0.2)
+    assert torch.all(x_o[f >= 0.5] == x_p[f >= 0.5])
+    torch.testing.assert_close(fuse(x_p, x_prime, None, None, OSROConfig(k=0.0, alpha=1.0, beta=0.0,
+                                                                         normalize=False), f)[1], x_p)
+    with pytest.raises(ValueError, match="trust"):
+        fuse(x_p, x_prime, None, None, cfg)
+    for bad in (0.0, 1.5, True):
+        with pytest.raises(ValueError, match="trust"):
+            OSROConfig(trust=bad)

@@ -7,6 +7,7 @@ then beat LI by a wide margin. Untrained tiny networks check shapes, devices and
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -154,6 +155,44 @@ def test_fusion_cache_scores_like_refuse_and_picks_the_better_prior(case, tmp_pa
     best, scores = cache.best(OSROConfig(), grid)
     assert (best.alpha, best.beta) == (0.0, 1.0)
     assert scores["psnr"] > cache.score(OSROConfig(alpha=0.5, beta=0.5))["psnr"] + 3
+
+
+def test_fusion_cache_with_the_safeguard_fuses_as_the_pipeline(case, tmp_path):
+    """With OSROConfig.safeguard the cache scores X_o as DuDoCROP.refuse runs it (the consistency residuals it
+    re-uses per k re-combine exactly for other α, β), so tune_fusion can tune with the safeguard on; a cache saved
+    without the measurement still loads and refuses the safeguard by name."""
+    from dataclasses import fields
+
+    from dudocrop.eval.fusion import FusionCache
+
+    pipe, models = _oracle_pipeline(case, steps=5)
+    sim = case.sim
+    # an image prior with an inconsistent blob painted into the body: the measured rays contradict it
+    wrong = sim.X_ref.clone()
+    wrong[:, :, 24:40, 24:40] -= 300.0
+    models["image"].unet.x0 = pipe.norm.image(wrong)
+    models["residual"].unet.x0 = residual_from_unit(torch.zeros_like(sim.X_ref))
+    cache = FusionCache.build(pipe, sim.X_ma, sim.Y_ma, sim.metal_mask, sim.metal_trace, sim.X_ref, ["a", "b"])
+    out = pipe(sim.X_ma, sim.Y_ma, metal_mask=sim.metal_mask, trace=sim.metal_trace, return_priors=True)
+    fell_back = []
+    for a, b in ((0.9, 0.1), (0.6, 0.4), (1.0, 0.0)):  # one k: the second and third re-use the first's residuals
+        cfg = OSROConfig(k=0.3, alpha=a, beta=b, safeguard=1.2)
+        want = pipe.refuse(out.priors, sim.X_ma, sim.metal_mask, cfg, sim.Y_ma, sim.metal_trace)
+        torch.testing.assert_close(cache.output_hu(cfg), want, rtol=1e-4, atol=1e-2)
+        fell_back.append(cache.score(cfg)["fallback"])
+        assert cache.score(cfg)["psnr"] > cache.score(replace(cfg, safeguard=None))["psnr"]
+    assert min(fell_back) > 0.1, fell_back  # the safeguard acted on this prior
+    for cfg in (OSROConfig(k=0.3, alpha=0.9, beta=0.1, trust=0.2),  # spatial trust, alone and under the safeguard
+                OSROConfig(k=0.3, alpha=0.9, beta=0.1, trust=0.2, safeguard=1.2)):
+        want = pipe.refuse(out.priors, sim.X_ma, sim.metal_mask, cfg, sim.Y_ma, sim.metal_trace)
+        torch.testing.assert_close(cache.output_hu(cfg), want, rtol=1e-4, atol=1e-2)
+    old = {f.name: getattr(cache, f.name) for f in fields(cache) if f.init and f.name not in ("y_ma", "trace",
+                                                                                             "geometries")}
+    torch.save({**old, "norm": vars(cache.norm)}, str(tmp_path / "old.pt"))
+    again = FusionCache.load(str(tmp_path / "old.pt"))
+    assert again.score(OSROConfig())["psnr"] == cache.score(OSROConfig())["psnr"]
+    with pytest.raises(ValueError, match="safeguard needs the measurement"):
+        again.score(OSROConfig(safeguard=1.5))
 
 
 class _Zero(torch.nn.Module):

@@ -4,18 +4,22 @@ The paper tunes k, α, β by hand (Algorithm 2: "manual-adjusted factors"). Here
 slices (the ``val`` split, never the test split the report scores): the diffusion priors X_p, X'_p and the refined
 residual X̂_r are sampled once per slice (:meth:`FusionCache.build`), and every candidate (k, α, β) is only
 Eq. 13-15 plus the metrics, milliseconds per slice, so a sweep of thousands of trials costs less than one sampling.
+With ``OSROConfig.safeguard`` set (beyond the paper, issue 25 §2) each candidate is scored as the pipeline runs it,
+adaptive fusion included; the cache then also holds the measurement Y_ma and the trace, and the consistency
+residuals the safeguard needs are computed once per k (they are affine in the image, so α and β only re-combine
+them).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 
 from dudocrop.atomic import torch_save
 from dudocrop.data.normalize import Normalization
 from dudocrop.metrics.image import body_mask, image_metrics
-from dudocrop.pipeline.osro import OSROConfig, fuse
+from dudocrop.pipeline.osro import OSROConfig, fuse, safeguard
 from dudocrop.serialization import load_torch
 
 __all__ = ["FusionCache", "rank"]
@@ -35,6 +39,12 @@ class FusionCache:
     roi: torch.Tensor  # the body of the reference (metrics.image.body_mask), where the report scores
     norm: Normalization  # normalised attenuation -> HU, as the model's
     case_ids: list[str]
+    # what the safeguard's consistency check needs (None in caches written before it): Y_ma in line integrals,
+    # the metal trace M_s (float), each slice's geometry name
+    y_ma: torch.Tensor | None = None
+    trace: torch.Tensor | None = None
+    geometries: list[str] | None = None
+    _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     @torch.no_grad()
@@ -63,25 +73,90 @@ class FusionCache:
                 progress(done, n)
         back = torch.argsort(torch.as_tensor(order))  # batches grouped by geometry -> the slices' order
         cat = {k: torch.cat(v)[back] for k, v in parts.items()}
+        names = [model.at(g).geometry.name for g in (geometries if geometries is not None else [None] * n)]
         return cls(cat["X_p"], cat["X_p_prime"], cat["X_r_hat"], cat["region"], x_ma_hu.cpu().float(),
                    metal_mask.cpu().float(), x_ref_hu.cpu().float(), body_mask(x_ref_hu.cpu().float()), model.norm,
-                   [str(c) for c in case_ids])
+                   [str(c) for c in case_ids], y_ma.cpu().float(), trace.cpu().float(), names)
+
+    def __getstate__(self):  # Ray ships the cache to Tune's workers: without the guards (rebuilt there once)
+        return {**self.__dict__, "_memo": {}}
 
     def _to_hu(self, x_unit: torch.Tensor) -> torch.Tensor:
         return torch.where(self.metal_mask > 0, self.x_ma_hu, self.norm.image_to_hu(x_unit))
 
+    def fused(self, cfg: OSROConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(X̂_p, X_o, the safeguard's fallback t or None) for ``cfg``, as the pipeline computes them
+        (``osro.guarded_fuse``): Eq. 13-15, then the safeguard when ``cfg.safeguard`` is set."""
+        x_p_hat, x_o = fuse(self.X_p, self.X_p_prime, self.X_r_hat, self.region, cfg,
+                            self._trust() if cfg.trust is not None else None)
+        if cfg.safeguard is None or not cfg.fusion:
+            return x_p_hat, x_o, None
+        t = torch.zeros(x_o.shape[0])
+        x_o = x_o.clone()
+        for name, idx, guard in self._guards():
+            key = (name, cfg.k, cfg.normalize, cfg.residual_refine, cfg.norm, cfg.norm_sigma, cfg.trust)
+            if key not in self._memo:  # X̂_p's residual depends on k (and the Norm), not on α, β or the bound
+                self._memo[key] = guard.residual(x_p_hat[idx])
+            res = (self._memo[key], self._memo[("prime", name)], self._memo[("zero", name)])
+            x_o[idx], t[idx], _ = safeguard(x_p_hat[idx], self.X_p_prime[idx], cfg, guard, res)
+        return x_p_hat, x_o, t
+
+    def _trust(self) -> torch.Tensor:
+        """``osro.trust_map`` of every slice in its geometry, built once (OSROConfig.trust)."""
+        if "trust" not in self._memo:
+            if self.trace is None or self.geometries is None:
+                raise ValueError("OSROConfig.trust needs the trace in the fusion cache; this cache was written "
+                                 "without it: rebuild it")
+            from dudocrop.ct.operators import FanBeamOperator
+            from dudocrop.pipeline.osro import trust_map
+
+            out = torch.zeros_like(self.X_p)
+            for name in sorted(set(self.geometries)):
+                idx = torch.as_tensor([i for i, g in enumerate(self.geometries) if g == name])
+                out[idx] = trust_map(self.trace[idx], FanBeamOperator(name))
+            self._memo["trust"] = out
+        return self._memo["trust"]
+
+    def _guards(self):
+        """[(geometry name, slice indices, ConsistencyCheck)]: the measured-data check per geometry, built once
+        (X_ma with the metal read as water gives the body, as ``DuDoCROP.guard``)."""
+        if "guards" in self._memo:
+            return self._memo["guards"]
+        if self.y_ma is None or self.trace is None or self.geometries is None:
+            raise ValueError("OSROConfig.safeguard needs the measurement in the fusion cache (Y_ma, the trace, the "
+                             "geometries); this cache was written without them: rebuild it (tune_fusion samples "
+                             "the priors again)")
+        from dudocrop.ct.operators import FanBeamOperator
+        from dudocrop.metrics.consistency import ConsistencyCheck
+
+        out = []
+        for name in sorted(set(self.geometries)):
+            idx = torch.as_tensor([i for i, g in enumerate(self.geometries) if g == name])
+            ref = torch.where(self.metal_mask[idx] > 0, torch.zeros_like(self.x_ma_hu[idx]), self.x_ma_hu[idx])
+            guard = ConsistencyCheck.build(ref, self.y_ma[idx], self.trace[idx], FanBeamOperator(name),
+                                           self.metal_mask[idx], to_hu=self.norm.image_to_hu)
+            self._memo[("prime", name)] = guard.residual(self.X_p_prime[idx])
+            self._memo[("zero", name)] = guard.residual(torch.zeros_like(self.X_p_prime[idx]))
+            out.append((name, idx, guard))
+        self._memo["guards"] = out
+        return out
+
     def output_hu(self, cfg: OSROConfig) -> torch.Tensor:
-        """X_o (Eq. 15) in HU with the metal of X_ma reinserted, for factors ``cfg``."""
-        return self._to_hu(fuse(self.X_p, self.X_p_prime, self.X_r_hat, self.region, cfg)[1])
+        """X_o (Eq. 15, the safeguard when ``cfg`` sets it) in HU with the metal of X_ma reinserted."""
+        return self._to_hu(self.fused(cfg)[1])
 
     def score(self, cfg: OSROConfig) -> dict[str, float]:
         """Mean PSNR / SSIM of X_o against the reference (same pixels as the evaluation report), and the PSNR of
-        the refined image prior X̂_p (Eq. 13-14), which alone depends on k when α = 0."""
-        x_p_hat, x_o = fuse(self.X_p, self.X_p_prime, self.X_r_hat, self.region, cfg)
+        the refined image prior X̂_p (Eq. 13-14), which alone depends on k when α = 0. With the safeguard also the
+        mean share of the image prior's weight it moved to X'_p (``fallback``)."""
+        x_p_hat, x_o, t = self.fused(cfg)
         m = image_metrics(self._to_hu(x_o), self.x_ref_hu, self.metal_mask, self.roi)
         refined = image_metrics(self._to_hu(x_p_hat), self.x_ref_hu, self.metal_mask, self.roi)["psnr"]
-        return {"psnr": float(m["psnr"].mean()), "ssim": float(m["ssim"].mean()),
-                "psnr_refined": float(refined.mean())}
+        out = {"psnr": float(m["psnr"].mean()), "ssim": float(m["ssim"].mean()),
+               "psnr_refined": float(refined.mean())}
+        if t is not None:
+            out["fallback"] = float(t.mean())
+        return out
 
     def best(self, base: OSROConfig, candidates) -> tuple[OSROConfig, dict[str, float]]:
         """The (k, α, β) of ``candidates`` (dicts) that :func:`rank` puts first, and its scores (a plain grid
@@ -92,17 +167,19 @@ class FusionCache:
 
     def save(self, path: str) -> None:
         """Tensors and plain data (the normalisation as a dict), so :meth:`load` needs no unpickling of objects."""
-        torch_save(path, {**self.__dict__, "norm": asdict(self.norm)})
+        torch_save(path, {**{f.name: getattr(self, f.name) for f in fields(self) if f.init},
+                          "norm": asdict(self.norm)})
 
     @classmethod
     def load(cls, path: str) -> FusionCache:
         """The cache :meth:`save` wrote; tensors and plain data only (a pickled callable is refused unrun)."""
         d = load_torch(path, "fusion cache (priors.pt)")
-        names = {f.name for f in fields(cls)}
-        if not isinstance(d, dict) or set(d) != names:
+        names = {f.name for f in fields(cls) if f.init}
+        optional = {"y_ma", "trace", "geometries"}  # older caches lack the measurement: loaded, safeguard refused
+        if not isinstance(d, dict) or not (names - optional <= set(d) <= names):
             raise ValueError(f"{path} is not a fusion cache: expected the keys {sorted(names)}, got "
                              f"{sorted(d) if isinstance(d, dict) else type(d).__name__}")
-        return cls(**{**d, "norm": Normalization(**d["norm"])})
+        return cls(**{**d, "norm": Normalization(**d["norm"])})  # missing optional fields: None
 
 
 def rank(scores: dict[str, float]) -> tuple[float, float]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from dudocrop.pipeline.osro import DEFAULT_SAFEGUARD, OSROConfig, guarded_fuse, osro
+from dudocrop.pipeline.osro import DEFAULT_SAFEGUARD, OSROConfig, guarded_fuse, osro, trust_map
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,8 @@ def ablation_outputs(model, x_ma_hu: torch.Tensor, y_ma: torch.Tensor, metal_mas
         key = (cfg.normalize, cfg.norm)
         if key not in full:
             full[key] = osro(x_prior, y_prior, y_unit, trace, model.fbp_unit, model.refine if has_refiner else None,
-                             region, replace(cfg, fidelity=True, residual_refine=has_refiner, safeguard=None))
+                             region, replace(cfg, fidelity=True, residual_refine=has_refiner, safeguard=None,
+                                             trust=None))
         return full[key]
 
     out = {}
@@ -86,7 +87,8 @@ def ablation_outputs(model, x_ma_hu: torch.Tensor, y_ma: torch.Tensor, metal_mas
             continue  # no residual model trained: the refining rows are absent, not faked
         res = run_osro(cfg)
         guard = model.guard(x_ma_hu, y_ma, metal_mask, trace) if cfg.safeguard is not None else None
+        trust = trust_map(trace, model.op) if cfg.trust is not None else None
         _, x_o, _, _ = guarded_fuse(res.X_p, res.X_p_prime, res.X_r_hat if row.residual_refine else None, region,
-                                    cfg, guard)
+                                    cfg, guard, trust)
         out[row.name] = model.to_hu(x_o, x_ma_hu, metal_mask)
     return out

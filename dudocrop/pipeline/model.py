@@ -39,6 +39,7 @@ from dudocrop.pipeline.osro import (  # noqa: F401 - osro_region is imported fro
     osro,
     osro_region,
     sinogram_prior,
+    trust_map,
 )
 from dudocrop.sde.train import image_mu, sinogram_mu
 from dudocrop.sde.unet import PRECISIONS
@@ -312,7 +313,9 @@ class DuDoCROP:
             region = self.region(x_ma_hu, metal_mask)
             refine = self.refine if self.models["residual"] is not None else None
             guard = self.guard(x_ma_hu, y_ma, metal_mask, trace) if cfg.safeguard is not None else None
-            res = osro(x_prior, y_prior, self.norm.sino(y_ma), trace, self.fbp_unit, refine, region, cfg, guard)
+            trust = trust_map(trace, self.op) if cfg.trust is not None else None
+            res = osro(x_prior, y_prior, self.norm.sino(y_ma), trace, self.fbp_unit, refine, region, cfg, guard,
+                       trust)
             x_o = res.X_o
         return self.to_hu(x_o, x_ma_hu, metal_mask), res
 
@@ -341,7 +344,12 @@ class DuDoCROP:
             if y_ma is None or trace is None:
                 raise ValueError("refuse with OSROConfig.safeguard needs y_ma and trace (the measured-data check)")
             guard = self.guard(x_ma_hu, y_ma, metal_mask, trace)
-        _, x_o, _, _ = guarded_fuse(priors.X_p, priors.X_p_prime, priors.X_r_hat, region, cfg, guard)
+        trust = None
+        if cfg.trust is not None:
+            if trace is None:
+                raise ValueError("refuse with OSROConfig.trust needs the trace")
+            trust = trust_map(trace, self.op)
+        _, x_o, _, _ = guarded_fuse(priors.X_p, priors.X_p_prime, priors.X_r_hat, region, cfg, guard, trust)
         return self.to_hu(x_o, x_ma_hu, metal_mask)
 
 

@@ -55,6 +55,10 @@ class OSROConfig:
     # (dudocrop.metrics.consistency); above it Eq. 15's weight moves from X̂_p to X'_p per slice (safeguard).
     # None: off (the paper)
     safeguard: float | None = None
+    # beyond the paper (issue 25, docs/val_decisions.md): trust the refined image prior only where the metal trace
+    # crosses a pixel: X̂_p -> w·X̂_p + (1 − w)·X'_p before Eq. 15, w = min(1, f / trust), f the share of the pixel's
+    # rays on the trace (trust_map). None: off (the paper)
+    trust: float | None = None
 
     def __post_init__(self):
         for name in ("k", "alpha", "beta"):
@@ -70,6 +74,9 @@ class OSROConfig:
                                                and 1.0 <= self.safeguard < 1e6):
             raise ValueError(f"OSROConfig.safeguard must be None or a score >= 1 (X'_p's own is 1), got "
                              f"{self.safeguard!r}")
+        if self.trust is not None and not (isinstance(self.trust, int | float) and not isinstance(self.trust, bool)
+                                           and 0.0 < self.trust <= 1.0):
+            raise ValueError(f"OSROConfig.trust must be None or a share of rays in (0, 1], got {self.trust!r}")
 
 
 def minmax_norm(delta: torch.Tensor, reference: torch.Tensor, region: torch.Tensor | None = None) -> torch.Tensor:
@@ -261,10 +268,17 @@ class OSROResult:
     consistency: torch.Tensor | None = None  # (N,) safeguard: X_o's consistency score (X'_p's is 1)
 
 
+def trust_map(trace: torch.Tensor, op) -> torch.Tensor:
+    """(N, 1, H, W): the share of each pixel's rays that lie on the metal trace M_s (backprojected trace over the
+    backprojected ones), 1 next to the metal, small far from it: where the measured rays are incomplete."""
+    t = trace.to(torch.float32)
+    return (op.bp(t) / op.bp(torch.ones_like(t)).clamp_min(1e-9)).clamp(0.0, 1.0)
+
+
 def fuse(X_p: torch.Tensor, X_p_prime: torch.Tensor, X_r_hat: torch.Tensor | None, region: torch.Tensor | None,
-         cfg: OSROConfig) -> tuple[torch.Tensor, torch.Tensor]:
+         cfg: OSROConfig, trust: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 13-15 from cached priors: (X̂_p, X_o). Cheap, so thousands of (k, α, β) trials can re-use one
-    set of diffusion outputs."""
+    set of diffusion outputs. ``trust``: :func:`trust_map` of the slices, needed when ``cfg.trust`` is set."""
     if cfg.residual_refine and X_r_hat is not None:
         r = norm(X_r_hat, X_p - X_p_prime, region, cfg) if cfg.normalize else X_r_hat
         X_p_hat = X_p - cfg.k * r  # Eq. 13
@@ -272,17 +286,23 @@ def fuse(X_p: torch.Tensor, X_p_prime: torch.Tensor, X_r_hat: torch.Tensor | Non
             X_p_hat = norm(X_p_hat, X_p, region, cfg)  # Eq. 14
     else:
         X_p_hat = X_p
+    if cfg.trust is not None:
+        if trust is None:
+            raise ValueError("OSROConfig.trust needs the trace's trust_map (trust=); the pipeline builds it")
+        w = (trust.to(X_p_hat.dtype) / cfg.trust).clamp(max=1.0)
+        X_p_hat = w * X_p_hat + (1 - w) * X_p_prime
     X_o = cfg.alpha * X_p_hat + cfg.beta * X_p_prime if cfg.fusion else X_p_hat  # Eq. 15
     return X_p_hat, X_o
 
 
 #: OSROConfig.safeguard's suggested bound (docs/consistency.md): faithful images score 0.3-1.0 against NMAR / X'_p
 #: on the probe slices, images with an organ painted out 7-180; at 1.5 a prior with an organ painted out ended within
-#: 1.00-1.01x NMAR's error on 7 of 8 probe slices (1.11x on the eighth), an exact prior lost 0.00 dB
+#: 1.00-1.01x NMAR's error on 7 of 8 probe slices (1.11x on the eighth), an exact prior lost 0.00 dB. Calibrated on
+#: the retrained small's val split (docs/val_decisions.md): the smallest bound whose PSNR cost there is <= 0.2 dB
 DEFAULT_SAFEGUARD = 1.5
 
 
-def safeguard(X_p_hat: torch.Tensor, X_p_prime: torch.Tensor, cfg: OSROConfig, guard
+def safeguard(X_p_hat: torch.Tensor, X_p_prime: torch.Tensor, cfg: OSROConfig, guard, residuals=None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Beyond the paper (issue 25 §2): Eq. 15 with the image prior's weight moved to X'_p as far as needed, per
     slice, to keep X_o consistent with the measured rays. Returns (X_o, t, score).
@@ -291,12 +311,18 @@ def safeguard(X_p_hat: torch.Tensor, X_p_prime: torch.Tensor, cfg: OSROConfig, g
     :class:`dudocrop.metrics.consistency.ConsistencyCheck` on these units; X'_p's own residual is the unit) is at
     most ``cfg.safeguard``; t = 1 (X_o = (α + β)·X'_p) where none is. The residual is affine in the image, so
     r(t) = r(0) + t (r(1) − r(0)) and the score's square is a quadratic in t, solved exactly (two residuals).
-    ``k`` (Eq. 13) is left as tuned: it only shapes X̂_p, whose weight this moves."""
+    ``k`` (Eq. 13) is left as tuned: it only shapes X̂_p, whose weight this moves. ``residuals``: the guard's
+    residuals of (X̂_p, X'_p, a zero image) when the caller has them (the fusion tuning re-uses them across α, β);
+    every other residual is their affine combination."""
     a, b = cfg.alpha, cfg.beta
     x0 = a * X_p_hat + b * X_p_prime
     x1 = (a + b) * X_p_prime
-    r_ref = guard.size(guard.residual(X_p_prime))
-    r0, r1 = guard.residual(x0), guard.residual(x1)
+    if residuals is None:
+        residuals = (guard.residual(X_p_hat), guard.residual(X_p_prime), guard.residual(torch.zeros_like(X_p_hat)))
+    r_hat, r_prime, r_zero = residuals
+    r_ref = guard.size(r_prime)
+    r0 = a * (r_hat - r_zero) + b * (r_prime - r_zero) + r_zero
+    r1 = (a + b) * (r_prime - r_zero) + r_zero
     n = guard.off.flatten(1).sum(1).clamp_min(1.0)
     d = r1 - r0
     A = (d * d).flatten(1).sum(1) / n
@@ -314,10 +340,10 @@ def safeguard(X_p_hat: torch.Tensor, X_p_prime: torch.Tensor, cfg: OSROConfig, g
 
 
 def guarded_fuse(X_p: torch.Tensor, X_p_prime: torch.Tensor, X_r_hat: torch.Tensor | None,
-                 region: torch.Tensor | None, cfg: OSROConfig, guard=None):
+                 region: torch.Tensor | None, cfg: OSROConfig, guard=None, trust=None):
     """:func:`fuse`, then :func:`safeguard` when ``cfg.safeguard`` is set and the fusion (Eq. 15) runs: (X̂_p, X_o,
     fallback t or None, score or None). ``guard`` is required then."""
-    X_p_hat, X_o = fuse(X_p, X_p_prime, X_r_hat, region, cfg)
+    X_p_hat, X_o = fuse(X_p, X_p_prime, X_r_hat, region, cfg, trust)
     if cfg.safeguard is None or not cfg.fusion:
         return X_p_hat, X_o, None, None
     if guard is None:
@@ -337,6 +363,7 @@ def osro(
     region: torch.Tensor | None = None,
     cfg: OSROConfig = OSROConfig(),
     guard=None,
+    trust=None,
 ) -> OSROResult:
     """Eq. 10-15 given the diffusion priors ε2(X_ma) (``x_prior``) and ε1(Y_ma) (``y_prior``).
 
@@ -355,5 +382,5 @@ def osro(
     X_p = norm(x_prior, X_p_prime, region, cfg) if cfg.normalize else x_prior  # Eq. 12
     X_r_in = X_p - X_p_prime
     X_r_hat = refine(X_r_in) if (cfg.residual_refine and refine is not None) else None
-    X_p_hat, X_o, t, score = guarded_fuse(X_p, X_p_prime, X_r_hat, region, cfg, guard)
+    X_p_hat, X_o, t, score = guarded_fuse(X_p, X_p_prime, X_r_hat, region, cfg, guard, trust)
     return OSROResult(Y_p, X_p_prime, X_p, X_r_in, X_r_hat, X_p_hat, X_o, t, score)
