@@ -65,7 +65,7 @@ def main(argv=None) -> dict:
     from ray_jobs import mar_study
     from serve.app import app_with
     from tests.pacs_fixtures import PASSWORD, USER, orthanc_binary, start_orthanc
-    from tests.serve_fixtures import ct_study, dicom_bytes, metal_volume, tiny_model_folder
+    from tests.serve_fixtures import ct_study, dicom_bytes, metal_volume, tiny_model_folder, wait_for_job
 
     if None in orthanc_binary():
         raise SystemExit("bench/pacs.py needs Orthanc and its DICOMweb plugin (Debian: orthanc orthanc-dicomweb)")
@@ -101,11 +101,7 @@ def main(argv=None) -> dict:
         r = requests.post(url + "/v1/jobs", json={"dicomweb": ref, "store": True}, timeout=600)
         r.raise_for_status()
         accepted = time.perf_counter() - t
-        while True:
-            st = requests.get(f"{url}/v1/jobs/{r.json()['id']}", timeout=60).json()
-            if st["state"] in ("done", "failed", "cancelled"):
-                break
-            time.sleep(0.2)
+        st = wait_for_job(url, r.json()["id"], timeout=3600, poll=0.2)
         total = time.perf_counter() - t
         stored = st.get("stored") or {}
         out["serve_job"] = {"state": st["state"], "seconds_end_to_end": round(total, 2),

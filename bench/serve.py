@@ -123,7 +123,7 @@ async def _load(url: str, body: bytes, clients: int, per_client: int, timeout: f
 def _job(url: str, n: int, metal: int) -> dict:
     import requests
 
-    from tests.serve_fixtures import dicom_bytes, study
+    from tests.serve_fixtures import dicom_bytes, study, wait_for_job
 
     metal_at = tuple(int(i) for i in np.linspace(0, n - 1, metal).round())
     dss = study(n, metal_at)
@@ -132,11 +132,7 @@ def _job(url: str, n: int, metal: int) -> dict:
     r = requests.post(url + "/v1/jobs", files=files, timeout=300)
     r.raise_for_status()
     jid = r.json()["id"]
-    while True:
-        st = requests.get(f"{url}/v1/jobs/{jid}", timeout=60).json()
-        if st["state"] in ("done", "failed", "cancelled"):
-            break
-        time.sleep(0.25)
+    st = wait_for_job(url, jid, timeout=3600, poll=0.25)
     dt = time.time() - t0
     res = requests.get(f"{url}/v1/jobs/{jid}/result", timeout=120)
     per_metal = dt / max(1, st["with_metal"])

@@ -154,3 +154,18 @@ def ct_study(vol: np.ndarray, spacing: float, thickness: float = 2.5) -> list:
     st, se = generate_uid(), generate_uid()
     return [ct_dataset(hu, spacing, z=thickness * i, study_uid=st, series_uid=se, instance=i + 1)
             for i, hu in enumerate(vol)]
+
+
+def wait_for_job(url: str, job_id: str, timeout: float = 300, poll: float = 0.3) -> dict:
+    """Poll ``GET /v1/jobs/{id}`` until the job is done, failed or cancelled; its last status."""
+    import time
+
+    import requests
+
+    t0, st = time.time(), None
+    while time.time() - t0 < timeout:
+        st = requests.get(f"{url}/v1/jobs/{job_id}", timeout=60).json()
+        if st["state"] in ("done", "failed", "cancelled"):
+            return st
+        time.sleep(poll)
+    raise AssertionError(f"job {job_id} still {st} after {timeout} s")

@@ -21,7 +21,14 @@ import pydicom
 import pytest
 
 from tests.pacs_fixtures import orthanc  # noqa: F401 - the module's Orthanc
-from tests.serve_fixtures import ct_study, dicom_bytes, metal_volume, nifti_volume_bytes, tiny_model_folder
+from tests.serve_fixtures import (
+    ct_study,
+    dicom_bytes,
+    metal_volume,
+    nifti_volume_bytes,
+    tiny_model_folder,
+    wait_for_job,
+)
 
 requests = pytest.importorskip("requests")
 pytest.importorskip("dicomweb_client")
@@ -100,15 +107,6 @@ def expected(model, pacs_study):
     return out
 
 
-def _wait(url, job_id, timeout=300):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        st = requests.get(f"{url}/v1/jobs/{job_id}", timeout=30).json()
-        if st["state"] in ("done", "failed", "cancelled"):
-            return st
-        time.sleep(0.3)
-    raise AssertionError(f"job {job_id} still {st} after {timeout} s")
-
 
 def _series(orthanc, study_uid):  # noqa: F811
     from dudocrop.service.dicomweb import DicomwebRef, client
@@ -177,7 +175,7 @@ def test_serve_job_from_orthanc_stores_the_derived_series_back(svc, orthanc, pac
     r = requests.post(url + "/v1/jobs", json=body, timeout=120)
     assert r.status_code == 202, r.text
     assert r.json()["total"] == N and r.json()["with_metal"] == len(METAL_AT)
-    st = _wait(url, r.json()["id"])
+    st = wait_for_job(url, r.json()["id"])
     assert st["state"] == "done" and "store_error" not in st, st
     stored = st["stored"]
     assert stored["study"] == study_uid and stored["instances"] == N and stored["url"] == orthanc.dicomweb

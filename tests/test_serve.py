@@ -25,6 +25,7 @@ from tests.serve_fixtures import (
     phantom,
     study,
     tiny_model_folder,
+    wait_for_job,
 )
 
 requests = pytest.importorskip("requests")
@@ -71,15 +72,6 @@ def svc(ray_session, tmp_path_factory):
 def _post(url, path, data, ctype="application/octet-stream", **params):
     return requests.post(url + path, data=data, headers={"Content-Type": ctype}, params=params, timeout=300)
 
-
-def _wait(url, job_id, timeout=300):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        st = requests.get(f"{url}/v1/jobs/{job_id}", timeout=30).json()
-        if st["state"] in ("done", "failed", "cancelled"):
-            return st
-        time.sleep(0.5)
-    raise AssertionError(f"job {job_id} still {st} after {timeout} s")
 
 
 def test_healthz_names_the_model(svc):
@@ -155,7 +147,7 @@ def test_dicom_job_multipart_and_nifti_job(svc):
     vol = np.stack([phantom(metal=i == 1) for i in range(3)])
     r2 = _post(svc, "/v1/jobs", nifti_volume_bytes(vol, 6.25), "application/gzip")
     assert r2.status_code == 202, r2.text
-    st = _wait(svc, job["id"])
+    st = wait_for_job(svc, job["id"])
     assert (st["state"], st["total"], st["done"], st["with_metal"]) == ("done", 4, 4, 1), st
     res = requests.get(f"{svc}/v1/jobs/{job['id']}/result", timeout=60)
     assert res.status_code == 200 and res.headers["content-type"] == "application/zip"
@@ -166,7 +158,7 @@ def test_dicom_job_multipart_and_nifti_job(svc):
     for i, (o, d) in enumerate(zip(outs, dss)):
         if i != 2:  # metal-free: returned as it came
             np.testing.assert_array_equal(o.pixel_array, d.pixel_array)
-    st2 = _wait(svc, r2.json()["id"])
+    st2 = wait_for_job(svc, r2.json()["id"])
     assert (st2["state"], st2["total"], st2["with_metal"]) == ("done", 3, 1)
     import nibabel as nib
 
@@ -349,7 +341,7 @@ def test_job_survives_a_killed_model_replica(svc):
     names = [a for a in ray.util.list_named_actors(all_namespaces=True) if "MARModel" in a["name"]]
     assert names, "no model replica found"
     ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]), no_restart=True)
-    st = _wait(svc, jid, timeout=600)
+    st = wait_for_job(svc, jid, timeout=600)
     assert (st["state"], st["done"], st["total"]) == ("done", 6, 6), st
     zf = zipfile.ZipFile(io.BytesIO(requests.get(f"{svc}/v1/jobs/{jid}/result", timeout=60).content))
     assert len(zf.namelist()) == 6
