@@ -158,7 +158,7 @@ class MARModel:
 
         x = torch.from_numpy(np.stack([items[i][0] for i in idx]))[:, None]
         try:
-            res = view(x, return_priors=return_priors, osro_config=osro)
+            res = view(x, return_priors=return_priors, osro_config=osro, consistency=True)
         except ValueError as e:  # a slice the pipeline refuses: answer it alone, keep the rest of the batch
             if len(idx) > 1:
                 for i in idx:
@@ -170,6 +170,8 @@ class MARModel:
         norm = self.model.norm
         for j, i in enumerate(idx):
             out[i] = {"hu": xo[j]}
+            if res.consistency is not None:
+                out[i]["consistency"] = float(res.consistency[j])
             if res.priors is not None:
                 pr = res.priors
                 out[i]["priors"] = {
@@ -323,7 +325,9 @@ class MARIngress:
                   spacing: str | None = Query(None, description="pixel spacing 'row,col' in mm (for .npy)")):
         """One slice (DICOM, NIfTI, .npy or .npz in HU) corrected, answered in its own format or the one
         ``Accept`` names. Headers: ``X-Model-Version``, ``X-Metal-Pixels``, ``X-Metal-Free`` (true: no metal, the
-        input came back without diffusion), ``X-Resampled`` (the slice was mapped to the model's grid)."""
+        input came back without diffusion), ``X-Resampled`` (the slice was mapped to the model's grid),
+        ``X-Consistency`` (a slice with metal: X_o's measured-data consistency score, X'_p's is 1; well above 1
+        means the raw data contradict the result, ``docs/consistency.md``)."""
         from dudocrop.ct.geometry import get_geometry
         from dudocrop.service.grid import back_to_input_grid, prepare_slice
         from dudocrop.service.inputs import InputError, decode_slice
@@ -356,10 +360,11 @@ class MARIngress:
             raise HTTPException(406, "a DICOM answer needs a DICOM input (its patient and study modules)")
         if fmt == "nifti" and s.fmt != "nifti":
             fmt = "npz"
-        priors = None
+        priors = consistency = None
         params = {"steps": steps, "k": k, "alpha": alpha, "beta": beta, "seed": seed, "return_priors": return_priors}
         if prepared.has_metal:
             res = await self._correct(prepared.model_hu, params)
+            consistency = res.get("consistency")
             out = back_to_input_grid(res["hu"], prepared, geometry)
             priors = res.get("priors")
         else:
@@ -372,6 +377,8 @@ class MARIngress:
             raise HTTPException(422, f"the corrected slice cannot be written as {fmt}: {type(e).__name__}") from e
         headers = {"X-Model-Version": info["model_version"], "X-Metal-Pixels": str(prepared.metal_pixels),
                    "X-Metal-Free": str(not prepared.has_metal).lower(), "X-Resampled": str(prepared.resampled).lower()}
+        if consistency is not None:  # issue 25: how far the raw data contradict X_o (X'_p's own score is 1)
+            headers["X-Consistency"] = f"{consistency:.3f}"
         return Response(data, media_type=http_io.MEDIA[fmt], headers=headers)
 
     @api.post("/v1/jobs", status_code=202, dependencies=[Depends(_auth)])

@@ -97,6 +97,9 @@ def test_metal_slice_is_corrected_and_metal_free_slice_comes_back_untouched(svc)
     metal = x >= METAL_HU
     np.testing.assert_array_equal(out[metal], x[metal])  # metal reinserted exactly
     assert np.abs(out - x)[~metal].max() > 1  # the diffusion path ran (an untrained model changes the body)
+    assert float(r.headers["X-Consistency"]) > 0
+    r = _post(svc, "/v1/mar", npy_bytes(x), steps=1, k=0, alpha=0, beta=1, seed=1)  # Eq. 15 with X_o = X'_p
+    assert r.status_code == 200 and r.headers["X-Consistency"] == "1.000"  # X'_p's own score is the unit
     free = phantom(metal=False)
     r = _post(svc, "/v1/mar", npy_bytes(free))
     assert r.status_code == 200 and r.headers["X-Metal-Free"] == "true" and r.headers["X-Metal-Pixels"] == "0"

@@ -106,6 +106,7 @@ class DuDoCROPOutput:
     priors: OSROResult | None = None
     image_prior: torch.Tensor | None = None  # ε2(X_ma) before Eq. 12, normalised
     sinogram_prior: torch.Tensor | None = None  # ε1(Y_ma) before Eq. 10, normalised
+    consistency: torch.Tensor | None = None  # (N,) on request: X_o's measured-data consistency score, X'_p's is 1
 
 
 def residual_from_unit(d: torch.Tensor) -> torch.Tensor:
@@ -290,13 +291,22 @@ class DuDoCROP:
     @torch.no_grad()
     def __call__(self, x_ma_hu: torch.Tensor, y_ma: torch.Tensor | None = None, *,
                  metal_mask: torch.Tensor | None = None, trace: torch.Tensor | None = None,
-                 return_priors: bool = False, osro_config: OSROConfig | None = None) -> DuDoCROPOutput:
+                 return_priors: bool = False, osro_config: OSROConfig | None = None,
+                 consistency: bool = False) -> DuDoCROPOutput:
+        """``consistency``: also score X_o against the measured rays off the metal trace, relative to X'_p
+        (``dudocrop.metrics.consistency``; dual-domain only): a number near 1 says the raw data agree with X_o."""
         x, y, mask, trace = self.prepare(x_ma_hu, y_ma, metal_mask, trace)
         x_prior, y_prior = self.priors(x, y, mask, trace)
         x_o, res = self.combine(x, y, mask, trace, x_prior, y_prior, osro_config or self.config.osro,
                                 self.config.domains)
+        score = None
+        if consistency and res is not None:
+            score = res.consistency
+            if score is None:  # no safeguard ran: score X_o the way it would have
+                chk = self.guard(x, y, mask, trace)
+                score = chk.score(res.X_o, chk.size(chk.residual(res.X_p_prime)))
         return DuDoCROPOutput(x_o, mask, res if return_priors else None,
-                              x_prior if return_priors else None, y_prior if return_priors else None)
+                              x_prior if return_priors else None, y_prior if return_priors else None, score)
 
     @torch.no_grad()
     def combine(self, x_ma_hu: torch.Tensor, y_ma: torch.Tensor, metal_mask: torch.Tensor, trace: torch.Tensor,
