@@ -267,7 +267,7 @@ class MARIngress:
                 res = await self.model.correct.remote(model_hu, params)
                 if "error" in res:
                     raise ValueError(res["error"])
-                return res["hu"]
+                return {"hu": res["hu"], "consistency": res.get("consistency")}
 
             rec = self.store.record(job_id)
             await run_job(self.store, job_id, correct, get_geometry(info["geometry"]), info["metal_threshold_hu"],

@@ -84,7 +84,8 @@ async def job_slices(job_id: str, request: Request) -> JSONResponse:
 async def job_slice(job_id: str, index: int, request: Request) -> Response:
     """Slice ``index`` (0-based, result order): ``.npy`` int16 HU of shape (2, rows, cols), the input and the
     corrected slice. 404: unknown job or index; 409: the job is cancelled or the slice is not finished yet.
-    Header ``X-Metal-Pixels``: metal pixels the job found in it (0: passed through uncorrected)."""
+    Header ``X-Metal-Pixels``: metal pixels the job found in it (0: passed through uncorrected);
+    ``X-Consistency``: the corrected slice's measured-data consistency score (X'_p's is 1), when it has one."""
     store = _store(request)
     rec = await _record(store, job_id)
     if not 0 <= index < rec["total"]:
@@ -93,8 +94,11 @@ async def job_slice(job_id: str, index: int, request: Request) -> Response:
         raise HTTPException(409, f"job {job_id} is cancelled: its slices are deleted")
     if index not in await asyncio.to_thread(store.finished_slices, job_id):
         raise HTTPException(409, f"job {job_id}: slice {index} is not finished yet ({rec['state']})")
-    data, metal = await asyncio.to_thread(_slice_npy, store, job_id, index, rec["fmt"])
-    return Response(data, media_type=NPY_MEDIA, headers={"X-Metal-Pixels": str(metal), "Cache-Control": "no-cache"})
+    data, metal, score = await asyncio.to_thread(_slice_npy, store, job_id, index, rec["fmt"])
+    headers = {"X-Metal-Pixels": str(metal), "Cache-Control": "no-cache"}
+    if score is not None:
+        headers["X-Consistency"] = f"{score:.3f}"
+    return Response(data, media_type=NPY_MEDIA, headers=headers)
 
 
 def _original(store, job_id: str, index: int, fmt: str) -> np.ndarray:
@@ -112,14 +116,14 @@ def _to_int16(hu: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(hu), -32768, 32767).astype("<i2")
 
 
-def _slice_npy(store, job_id: str, index: int, fmt: str) -> tuple[bytes, int]:
+def _slice_npy(store, job_id: str, index: int, fmt: str) -> tuple[bytes, int, float | None]:
     original = _original(store, job_id, index, fmt)
-    corrected, metal = store.get_slice(job_id, index)
+    corrected, metal, score = store.get_slice_with_score(job_id, index)
     if corrected.shape != original.shape:  # the job store's invariant: results live on the input grid
         raise HTTPException(500, f"job {job_id}: slice {index} result {corrected.shape} != input {original.shape}")
     buf = io.BytesIO()
     np.save(buf, np.stack([original, _to_int16(corrected)]))
-    return buf.getvalue(), metal
+    return buf.getvalue(), metal, score
 
 
 @functools.lru_cache(maxsize=8)

@@ -161,6 +161,9 @@ def test_dicom_job_multipart_and_nifti_job(svc):
     for i, (o, d) in enumerate(zip(outs, dss)):
         if i != 2:  # metal-free: returned as it came
             np.testing.assert_array_equal(o.pixel_array, d.pixel_array)
+        # each corrected slice keeps the model's measured-data consistency score (issue 25); metal-free ones have none
+        h = requests.get(f"{svc}/v1/jobs/{job['id']}/slices/{i}", timeout=60).headers
+        assert (float(h["X-Consistency"]) > 0) if i == 2 else ("X-Consistency" not in h), (i, dict(h))
     st2 = wait_for_job(svc, r2.json()["id"])
     assert (st2["state"], st2["total"], st2["with_metal"]) == ("done", 3, 1)
     import nibabel as nib

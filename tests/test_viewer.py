@@ -110,7 +110,7 @@ def test_dicom_previews_in_result_order_int16_and_errors(bare):
         corrected = _hu(dss[i]) - 100.0
         if i == 3:
             corrected[0, 0] = 1e6  # beyond int16: clipped, not wrapped
-        store.put_slice(job, i, corrected, 7 * (i in (1, 3)))
+        store.put_slice(job, i, corrected, 7 * (i in (1, 3)), 1.2345 if i == 1 else None)
     meta = requests.get(f"{url}/v1/jobs/{job}/slices", timeout=30).json()
     assert (meta["total"], meta["rows"], meta["cols"], meta["fmt"]) == (5, 64, 64, "dicom")
     assert meta["spacing_mm"] == [6.25, 6.25] and meta["finished"] == [0, 1, 2, 3]
@@ -120,6 +120,7 @@ def test_dicom_previews_in_result_order_int16_and_errors(bare):
         r = requests.get(f"{url}/v1/jobs/{job}/slices/{i}", timeout=30)
         a = _npy(r)
         assert a.shape == (2, 64, 64) and r.headers["X-Metal-Pixels"] == str(7 * (i in (1, 3)))
+        assert r.headers.get("X-Consistency") == ("1.234" if i == 1 else None)
         np.testing.assert_array_equal(a[0], _hu(dss[i]))
         want = _hu(dss[i]) - 100
         if i == 3:

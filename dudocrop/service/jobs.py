@@ -173,14 +173,22 @@ class JobStore:
         return decode_slice(self._read(self._p("jobs", job_id, "input", name)), "application/dicom", name,
                             limits or Limits()).hu
 
-    def put_slice(self, job_id: str, index: int, hu: np.ndarray, metal_pixels: int) -> None:
+    def put_slice(self, job_id: str, index: int, hu: np.ndarray, metal_pixels: int,
+                  consistency: float | None = None) -> None:
+        """A finished slice; ``consistency``: the model's measured-data consistency score of it (None: no metal)."""
         buf = io.BytesIO()
-        np.savez(buf, hu=np.asarray(hu, np.float32), metal_pixels=np.int64(metal_pixels))
+        np.savez(buf, hu=np.asarray(hu, np.float32), metal_pixels=np.int64(metal_pixels),
+                 consistency=np.float64(np.nan if consistency is None else consistency))
         atomic_write_bytes(self.fs, self._p("jobs", job_id, "slices", f"{index:05d}.npz"), buf.getvalue())
 
     def get_slice(self, job_id: str, index: int) -> tuple[np.ndarray, int]:
+        return self.get_slice_with_score(job_id, index)[:2]
+
+    def get_slice_with_score(self, job_id: str, index: int) -> tuple[np.ndarray, int, float | None]:
+        """(corrected HU, metal pixels, consistency score or None)."""
         with np.load(io.BytesIO(self._read(self._p("jobs", job_id, "slices", f"{index:05d}.npz")))) as z:
-            return z["hu"], int(z["metal_pixels"])
+            score = float(z["consistency"]) if "consistency" in z.files else float("nan")
+            return z["hu"], int(z["metal_pixels"]), None if np.isnan(score) else score
 
     def result_name(self, job_id: str) -> str:
         return "result.nii.gz" if self.record(job_id)["fmt"] == "nifti" else "result.zip"
@@ -241,8 +249,9 @@ async def run_job(store: JobStore, job_id: str, correct: Callable[[np.ndarray], 
                   retry_delay_s: float = 0.5, limits: Limits | None = None, log: Callable[[str], None] = print,
                   max_runs: int = 3, publish: Callable[[str], Awaitable[dict]] | None = None) -> str:
     """Work a job through: skip finished slices, finish metal-free ones at once, send each metal slice (on the
-    model grid) to ``correct`` with at most ``concurrency`` in flight, retrying a failed call ``retries`` times
-    (a lost model replica: the call is re-queued), then write the result. Returns the final state. A job marked
+    model grid) to ``correct`` (returning its corrected HU, or ``{"hu", "consistency"}`` to keep the score) with
+    at most ``concurrency`` in flight, retrying a failed call ``retries`` times (a lost model replica: the call
+    is re-queued), then write the result. Returns the final state. A job marked
     cancelled stops before its next slice. A job started ``max_runs`` times without finishing (one that takes its
     process down each time) is failed instead of resumed forever. ``publish`` (a PACS job's STOW-RS) runs
     after the result is written and before the job is marked done; the dict it returns (``stored``) is recorded
@@ -275,7 +284,9 @@ async def run_job(store: JobStore, job_id: str, correct: Callable[[np.ndarray], 
                     return
                 for attempt in range(retries + 1):
                     try:
-                        out = await correct(prepared.model_hu)
+                        out, score = await correct(prepared.model_hu), None
+                        if isinstance(out, dict):  # {"hu": ..., "consistency": ...} from a model that scores
+                            out, score = out["hu"], out.get("consistency")
                         break
                     except Exception as e:  # noqa: BLE001 - a replica lost mid-call: re-queue the slice
                         if attempt == retries:
@@ -283,7 +294,7 @@ async def run_job(store: JobStore, job_id: str, correct: Callable[[np.ndarray], 
                         log(f"job {job_id}: slice {i} attempt {attempt + 1} failed ({type(e).__name__}); re-queued")
                         await asyncio.sleep(retry_delay_s * (attempt + 1))
             hu = back_to_input_grid(np.asarray(out), prepared, geometry)
-            await asyncio.to_thread(store.put_slice, job_id, i, hu, prepared.metal_pixels)
+            await asyncio.to_thread(store.put_slice, job_id, i, hu, prepared.metal_pixels, score)
 
         await asyncio.gather(*(one(i) for i in range(len(study.slices)) if i not in done))
         if await asyncio.to_thread(cancelled):

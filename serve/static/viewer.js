@@ -240,7 +240,7 @@ async function fetchSlice(i) {
     const [, rows, cols] = npy.shape;
     const n = rows * cols;
     const s = { rows, cols, original: npy.data.subarray(0, n), corrected: npy.data.subarray(n, 2 * n),
-      metal: Number(r.headers.get("X-Metal-Pixels")) };
+      metal: Number(r.headers.get("X-Metal-Pixels")), consistency: r.headers.get("X-Consistency") };
     if (job === state.job) {
       state.cache.set(i, s);
       if (state.cache.size > 64) state.cache.delete(state.cache.keys().next().value);
@@ -294,7 +294,8 @@ async function show(i) {
   }
   if (state.index !== i) return;  // the user moved on while it loaded
   $("slice-text").textContent = `${i + 1} / ${state.meta.total} · ${pos} mm · ` +
-    (s.metal ? `${s.metal} metal pixels` : "no metal: passed through");
+    (s.metal ? `${s.metal} metal pixels` : "no metal: passed through") +
+    (s.consistency ? ` · raw-data consistency ${s.consistency} (X'p = 1)` : "");
   render();
   for (const j of [i + 1, i - 1]) {  // prefetch the neighbours
     if (j >= 0 && j < state.meta.total && !state.cache.has(j)) fetchSlice(j).catch(() => {});
