@@ -45,6 +45,8 @@ KEEP = "keep"
 
 
 def _bound(v: str):
+    if v == KEEP:  # argparse passes a string default through ``type`` too
+        return KEEP
     if v.lower() == "none":
         return None
     try:
