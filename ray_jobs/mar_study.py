@@ -139,12 +139,12 @@ def run(a: argparse.Namespace, log=print) -> dict:
 
     from dudocrop.ct.geometry import get_geometry
     from dudocrop.data.shards import atomic_write_bytes, resolve
+    from dudocrop.pipeline.model import model_version
     from dudocrop.service import dicomweb
     from dudocrop.service.grid import back_to_input_grid, prepare_slice
     from dudocrop.service.inputs import InputError, Limits, decode_study
     from dudocrop.service.jobs import derived_files
     from ray_jobs.common import cluster_gpus, init_ray
-    from serve.app import model_version
 
     t0 = time.perf_counter()
     limits = Limits()

@@ -29,16 +29,6 @@ logger = logging.getLogger("ray.serve")
 
 
 
-def model_version(uri: str) -> str:
-    """A short label for the model a replica serves: the MLflow URI as given, or the folder's name and the
-    modification time of its pipeline.json (so two trainings into one folder differ)."""
-    if uri.startswith(("runs:/", "models:/")) or "://" in uri:
-        return uri
-    p = os.path.join(uri, "pipeline.json")
-    stamp = int(os.path.getmtime(p)) if os.path.exists(p) else 0
-    return f"{os.path.basename(os.path.abspath(uri))}@{stamp}"
-
-
 def steps_table(uri: str) -> dict | None:
     """The model folder's speed/quality table (``ray_jobs/steps_sweep.py``'s ``steps.json``: val PSNR / SSIM and
     seconds per slice per number of reverse steps), so a client can pick ``steps``; None when the folder has none
@@ -67,7 +57,7 @@ class MARModel:
     def __init__(self, settings: dict):
         import torch
 
-        from dudocrop.pipeline.model import DuDoCROP
+        from dudocrop.pipeline.model import DuDoCROP, model_version
 
         s = ServeSettings(**settings)
         cuda = torch.cuda.is_available() and s.device != "cpu"

@@ -426,6 +426,16 @@ def check_model_folder(folder: str, meta: bool = True) -> None:
                                 f"ray_jobs/train_sde.py (or run ray_jobs/train_all.py)")
 
 
+def model_version(uri: str) -> str:
+    """A short label for a model (Serve replicas, ``mar_study`` summaries, derived DICOM): the MLflow URI as given,
+    or the folder's name and the modification time of its pipeline.json (so two trainings into one folder differ)."""
+    if uri.startswith(("runs:/", "models:/")) or "://" in uri:
+        return uri
+    p = os.path.join(uri, PIPELINE_FILE)
+    stamp = int(os.path.getmtime(p)) if os.path.exists(p) else 0
+    return f"{os.path.basename(os.path.abspath(uri))}@{stamp}"
+
+
 def resolve_model_location(location: str) -> str:
     """A local model folder for ``location``: the folder itself, or MLflow's download of an artifact URI."""
     if os.path.isdir(location):
