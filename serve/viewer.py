@@ -118,7 +118,7 @@ def _to_int16(hu: np.ndarray) -> np.ndarray:
 
 def _slice_npy(store, job_id: str, index: int, fmt: str) -> tuple[bytes, int, float | None]:
     original = _original(store, job_id, index, fmt)
-    corrected, metal, score = store.get_slice_with_score(job_id, index)
+    corrected, metal, score = store.get_slice(job_id, index)
     if corrected.shape != original.shape:  # the job store's invariant: results live on the input grid
         raise HTTPException(500, f"job {job_id}: slice {index} result {corrected.shape} != input {original.shape}")
     buf = io.BytesIO()

@@ -181,10 +181,7 @@ class JobStore:
                  consistency=np.float64(np.nan if consistency is None else consistency))
         atomic_write_bytes(self.fs, self._p("jobs", job_id, "slices", f"{index:05d}.npz"), buf.getvalue())
 
-    def get_slice(self, job_id: str, index: int) -> tuple[np.ndarray, int]:
-        return self.get_slice_with_score(job_id, index)[:2]
-
-    def get_slice_with_score(self, job_id: str, index: int) -> tuple[np.ndarray, int, float | None]:
+    def get_slice(self, job_id: str, index: int) -> tuple[np.ndarray, int, float | None]:
         """(corrected HU, metal pixels, consistency score or None)."""
         with np.load(io.BytesIO(self._read(self._p("jobs", job_id, "slices", f"{index:05d}.npz")))) as z:
             score = float(z["consistency"]) if "consistency" in z.files else float("nan")
@@ -203,7 +200,7 @@ class JobStore:
         """Write the corrected study (derived DICOM series in a zip, or a NIfTI volume) and mark the job done
         (``mark_done=False``: the caller does, after storing the result elsewhere)."""
         rec = self.record(job_id)
-        outs = [self.get_slice(job_id, i) for i in range(rec["total"])]
+        outs = [self.get_slice(job_id, i)[:2] for i in range(rec["total"])]
         files = derived_files(study, outs, rec["model_version"], rec.get("params", {}), rec.get("series_uid"),
                               rec.get("series_number"))
         if rec["fmt"] == "nifti":
