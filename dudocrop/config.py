@@ -115,9 +115,9 @@ class RunPreset:
 RUN_PRESETS: dict[str, RunPreset] = {
     # every stage on a laptop in minutes (DDP on 2 workers included), with small's recipe for a small network (see
     # "small" below): x0 output, image and sinogram models starting from NMAR, standardised image inputs, the affine
-    # Norm, 5 sampler steps. An untrained x0 network returns its μ, so both priors start at NMAR and training only
-    # has to learn NMAR's residual error; fusion chosen on val can keep them there. 24 patients: 4 val and 4 test
-    # slices (12 gave 2 and 2).
+    # Norm, the measured-sinogram completion, 5 sampler steps. An untrained x0 network returns its μ, so both priors
+    # start at NMAR and training only has to learn NMAR's residual error; fusion chosen on val can keep them there.
+    # 24 patients: 4 val and 4 test slices (12 gave 2 and 2).
     "tiny": RunPreset(
         name="tiny", geometry="tiny", n_patients=24, slices_per_patient=2,
         clip_set=("epochs=4",),
@@ -125,7 +125,7 @@ RUN_PRESETS: dict[str, RunPreset] = {
                    "loss_region=body", "lr=1e-3", "loss_form=x0"),
         sinogram_set=("steps=120", "validate_every=120", "parametrization=x0", "sinogram_mu=nmar"),
         residual_set=("steps=80", "validate_every=80", "parametrization=x0"),
-        eval_slices=8, eval_steps=5, pipeline_set=("osro.norm=affine",),
+        eval_slices=8, eval_steps=5, pipeline_set=("osro.norm=affine", "osro.completion=True"),
         about=("**Preset `tiny`**, the embedded quickstart: 64² synthetic slices, randomly initialised CLIP towers "
                "(no pretrained weights, so the captions' guidance is learned from scratch), 0.5 M-parameter U-Nets "
                "trained for a few minutes on a CPU, 4 val and 4 test slices. It shows every stage of DuDoCROP "
@@ -148,7 +148,9 @@ RUN_PRESETS: dict[str, RunPreset] = {
     # ended 7.5 dB under NMAR, and without the standardisation the same U-Net barely learned (IMAGE_MU,
     # UNetConfig.in_scale, IRSDE.loss). Eq. 12's Norm is the affine fit (OSROConfig.norm): on 10 val slices the
     # paper's min-max took the image prior from 43.15 to 40.15 dB (NMAR: 42.12), the affine fit left it at 43.17
-    # (bench/osro_norm.py).
+    # (bench/osro_norm.py). X_o then completes the measured sinogram across the trace (OSROConfig.completion, beyond
+    # the paper; bench/completion_val.py, docs/val_decisions.md): on val +1.19 dB over Eq. 15 alone at the factors
+    # chosen for each (tiny's val: +1.33 dB).
     "small": RunPreset(
         name="small", geometry="small", n_patients=80, slices_per_patient=2, shard_slices=16, phantom="patient",
         clip_set=("epochs=15",),
@@ -156,7 +158,7 @@ RUN_PRESETS: dict[str, RunPreset] = {
                    "sample_tile=64", "lr=1e-3", "loss_form=x0"),
         sinogram_set=("steps=1500", "parametrization=x0", "sinogram_mu=nmar"),
         residual_set=("steps=800", "parametrization=x0"), guidance_ablation=False, eval_slices=16, eval_steps=5,
-        fusion_points=5, pipeline_set=("osro.norm=affine",),
+        fusion_points=5, pipeline_set=("osro.norm=affine", "osro.completion=True"),
     ),
     # §IV-A/B literally (tests/test_paper_preset.py checks every number of §IV-B against it): train on body and head
     # slices together, captions by LLaVA-v1.5-13b (vLLM), and the paper's own inference choices, which the CPU

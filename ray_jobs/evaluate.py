@@ -46,7 +46,8 @@ LABELS = {"uncorrected": "Uncorrected", "LI": "LI", "NMAR": "NMAR", **{r.name: r
 #: short column titles for the panels (Fig. 13's (a)-(d)).
 PANEL_TITLES = {"uncorrected": "Uncorrected", "LI": "LI", "NMAR": "NMAR", "image_norm": "Image prior",
                 "sino_fidelity": "Sinogram prior", "refine_norm": "Residual refined", "dudocrop": "DuDoCROP",
-                "dudocrop_safeguard": "DuDoCROP + safeguard"}
+                "dudocrop_safeguard": "DuDoCROP + safeguard", "dudocrop_completion": "DuDoCROP + completion",
+                "dudocrop_eq15": "DuDoCROP, Eq. 15"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -4,9 +4,10 @@
     python ray_jobs/evaluate_real.py --models outputs/small/models --out outputs/real_anatomy    # + DuDoCROP
 
 Methods: uncorrected, LI, NMAR and, with ``--models``, the image prior (ε2 output, Table V's "w/o
-Normalization" row), X'_p = FBP(Y_p) (the sinogram prior with fidelity), DuDoCROP and DuDoCROP with the
-measured-data safeguard. Per method: PSNR / SSIM (full CT range) and RMSE (HU) inside the reference's body outside
-the metal, and the consistency score against NMAR (``dudocrop.metrics.consistency``). Writes
+Normalization" row), X'_p = FBP(Y_p) (the sinogram prior with fidelity), DuDoCROP, DuDoCROP with or
+without the measured sinogram's completion (whichever the pipeline does not do; ``OSROConfig.completion``) and
+DuDoCROP with the measured-data safeguard. Per method: PSNR / SSIM (full CT range) and RMSE (HU) inside the
+reference's body outside the metal, and the consistency score against NMAR (``dudocrop.metrics.consistency``). Writes
 ``real_anatomy.md`` / ``.csv``, ``rows.json`` (per slice, with a "worse than NMAR" count in the notes) and one
 panel PNG per real slice. The slices are reserved for this evaluation (``dudocrop.data.real_anatomy``).
 """
@@ -31,6 +32,7 @@ from dudocrop.metrics.image import body_mask
 #: table rows (evaluate.restore's names) -> labels
 METHODS = {"uncorrected": "Uncorrected", "LI": "LI", "NMAR": "NMAR", "image_raw": "Image prior",
            "sino_fidelity": "X'_p (sinogram prior)", "dudocrop": "DuDoCROP",
+           "dudocrop_eq15": "DuDoCROP without completion (Eq. 15)", "dudocrop_completion": "DuDoCROP + completion",
            "dudocrop_safeguard": "DuDoCROP + safeguard"}
 
 
@@ -42,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--draws", type=int, default=6, help="metal draws per real slice")
     ap.add_argument("--steps", type=int, default=None, help="reverse-diffusion steps (default: the models' T)")
     ap.add_argument("--safeguard", type=float, default=None, help="OSROConfig.safeguard bound (default: the "
-                    "pipeline's, else osro.DEFAULT_SAFEGUARD)")
+                    "pipeline's, else osro.default_safeguard)")
     ap.add_argument("--save-images", action="store_true", help="also write every method's image per case (HU) "
                     "with X_ref, X_ma and the metal mask to images.npz, for analysis (bench/real_anatomy_errors.py)")
     return ap.parse_args(argv)

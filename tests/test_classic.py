@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dudocrop.classic import interpolate_trace, kmeans_thresholds, li, nmar, nmar_prior, normalized_interpolation
-from dudocrop.classic.nmar import BONE_MIN_HU, MAX_QUOTIENT, MIN_QUOTIENT, PRIOR_FLOOR_PX
+from dudocrop.classic.nmar import BONE_MIN_HU, MAX_QUOTIENT, MIN_QUOTIENT, PRIOR_FLOOR_PX, _fill_metal, prior_completion
 from dudocrop.ct import FanBeamOperator, hu_to_mu, mu_to_hu
 from dudocrop.ct.trace import metal_trace
 from dudocrop.ct.units import MU_WATER
@@ -323,6 +323,28 @@ def test_nmar_on_hard_cases_stays_within_li_and_physical(hard, name):
     y, tr = r["nmar_y"], sim.metal_trace
     assert float(y[tr].min()) >= 0.0 and float(y[tr].max()) <= float(sim.Y_ma.max()), name
     assert torch.equal(y[~tr], sim.Y_ma[~tr])
+
+
+@pytest.mark.parametrize("name", ["air", "skin", "fov_edge", "reported"])
+def test_prior_completion_with_a_prior_image_stays_physical_on_hard_cases(hard, name):
+    """OSROConfig.completion's step (classic.nmar.prior_completion) on the hard cases, with NMAR's own image as the
+    prior (metal pixels included: they are refilled from their surroundings, air for metal in the air): no
+    explosion (NMAR's guard did 231x LI here before issue 19): error within 1.25x NMAR's, the completion within
+    [0, max Y_ma] and the measurement kept off the trace; with the reference as the prior it beats NMAR."""
+    _, _, r = hard[name]
+    sim, op = r["sim"], FanBeamOperator("small")
+    metal, tr = sim.metal_mask > 0.5, sim.metal_trace
+
+    def err(x):
+        return float((x - sim.X_ref)[~metal].pow(2).mean().sqrt())
+
+    again = prior_completion(r["nmar_x"], sim.Y_ma, metal, tr, op)
+    assert torch.isfinite(again).all() and err(again) <= 1.25 * r["nmar_rmse"], (err(again), r["nmar_rmse"])
+    y = normalized_interpolation(sim.Y_ma, tr, hu_to_mu(_fill_metal(r["nmar_x"], metal)).clamp(min=0), op)
+    assert float(y[tr].min()) >= 0.0 and float(y[tr].max()) <= float(sim.Y_ma.max())
+    assert torch.equal(y[~tr], sim.Y_ma[~tr])
+    exact = prior_completion(sim.X_ref, sim.Y_ma, metal, tr, op)
+    assert err(exact) < 0.95 * r["nmar_rmse"], (err(exact), r["nmar_rmse"])
 
 
 def test_nmar_on_the_aapm_like_preset_with_air_and_skin_metal():

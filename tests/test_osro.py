@@ -1,5 +1,7 @@
 """OSRO (paper Eq. 10-15) on small tensors and on a real fan-beam geometry."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -157,3 +159,22 @@ def test_trust_map_and_spatial_trust_keep_the_image_prior_only_near_the_metal():
     for bad in (0.0, 1.5, True):
         with pytest.raises(ValueError, match="trust"):
             OSROConfig(trust=bad)
+
+
+def test_completion_is_the_last_step_and_needs_its_function():
+    """OSROConfig.completion hands Eq. 15's X_o (after the safeguard) to the measured sinogram's completion, and
+    nothing else; without the function it is refused by name, and the switch must be a bool."""
+    from dudocrop.pipeline.osro import complete, guarded_fuse
+
+    x_p, x_prime = torch.full((1, 1, 4, 4), 0.3), torch.full((1, 1, 4, 4), 0.2)
+    cfg = OSROConfig(k=0.0, alpha=0.5, beta=0.5, normalize=False, completion=True)
+    seen = []
+    _, x_o, _, _ = guarded_fuse(x_p, x_prime, None, None, cfg, completion=lambda x: seen.append(x) or x + 1)
+    torch.testing.assert_close(seen[0], torch.full_like(x_p, 0.25))  # Eq. 15's X_o
+    torch.testing.assert_close(x_o, torch.full_like(x_p, 1.25))
+    assert complete(x_p, replace(cfg, completion=False), None) is x_p
+    with pytest.raises(ValueError, match="completion"):
+        guarded_fuse(x_p, x_prime, None, None, cfg)
+    for bad in (1, "yes", None):
+        with pytest.raises(ValueError, match="completion"):
+            OSROConfig(completion=bad)

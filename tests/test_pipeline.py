@@ -80,7 +80,8 @@ def test_oracle_priors_make_dudocrop_far_better_than_li(case):
     first = pipe.combine(x, y, mask, trace, x_prior, y_prior, OSROConfig(residual_refine=False), "dual")[1]
     models["residual"].unet.x0 = residual_from_unit(first.X_p - pipe.norm.image(sim.X_ref))
     outs = ablation_outputs(pipe, x, y, mask, trace, x_prior, y_prior, OSROConfig(k=1.0, alpha=0.5, beta=0.5))
-    assert set(outs) == {r.name for r in TABLE_V if r.norm is None}  # the min-max row is the pipeline's own
+    # the min-max row and the row without the completion are the pipeline's own here
+    assert set(outs) == {r.name for r in TABLE_V if r.norm is None and r.name != "dudocrop_eq15"}
     ref, metal = sim.X_ref, sim.metal_mask
     score = {name: psnr(v, ref, metal).mean().item() for name, v in outs.items()}
     score["LI"] = psnr(li(sim.Y_ma, metal, sim.X_ma, case.op, trace=sim.metal_trace), ref, metal).mean().item()
@@ -89,6 +90,7 @@ def test_oracle_priors_make_dudocrop_far_better_than_li(case):
     assert score["refine_norm"] > score["image_norm"] + 6  # Eq. 13-14 with a perfect ε3
     assert score["dudocrop"] > score["LI"] + 5
     assert score["dudocrop"] >= score["refine_norm"] - 0.5
+    assert score["dudocrop_completion"] > score["LI"] + 5  # X_o as the prior of the measured sinogram's completion
     m = metal > 0
     assert torch.equal(outs["dudocrop"][m], sim.X_ma[m])  # metal reinserted exactly from X_ma
 
@@ -102,6 +104,14 @@ def test_fusion_reuses_cached_priors(case):
     torch.testing.assert_close(again, out.X_o)
     other = pipe.refuse(out.priors, sim.X_ma, sim.metal_mask, OSROConfig(alpha=0.2, beta=0.8, residual_refine=False))
     assert not torch.allclose(other, out.X_o)
+    # the completion (beyond the paper) from the same priors, as the pipeline computes it
+    done = OSROConfig(residual_refine=False, completion=True)
+    full = pipe(sim.X_ma, sim.Y_ma, metal_mask=sim.metal_mask, trace=sim.metal_trace, osro_config=done)
+    again = pipe.refuse(out.priors, sim.X_ma, sim.metal_mask, done, y_ma=sim.Y_ma, trace=sim.metal_trace)
+    torch.testing.assert_close(again, full.X_o)
+    assert not torch.allclose(again, out.X_o)
+    with pytest.raises(ValueError, match="completion needs y_ma"):
+        pipe.refuse(out.priors, sim.X_ma, sim.metal_mask, done)
 
 
 def test_untrained_tiny_models_with_clip_guidance_run_end_to_end(case):
@@ -183,7 +193,9 @@ def test_fusion_cache_with_the_safeguard_fuses_as_the_pipeline(case, tmp_path):
         assert cache.score(cfg)["psnr"] > cache.score(replace(cfg, safeguard=None))["psnr"]
     assert min(fell_back) > 0.1, fell_back  # the safeguard acted on this prior
     for cfg in (OSROConfig(k=0.3, alpha=0.9, beta=0.1, trust=0.2),  # spatial trust, alone and under the safeguard
-                OSROConfig(k=0.3, alpha=0.9, beta=0.1, trust=0.2, safeguard=1.2)):
+                OSROConfig(k=0.3, alpha=0.9, beta=0.1, trust=0.2, safeguard=1.2),
+                OSROConfig(k=0.3, alpha=0.9, beta=0.1, completion=True),  # the completion, alone and guarded
+                OSROConfig(k=0.3, alpha=0.6, beta=0.4, completion=True, safeguard=1.2)):
         want = pipe.refuse(out.priors, sim.X_ma, sim.metal_mask, cfg, sim.Y_ma, sim.metal_trace)
         torch.testing.assert_close(cache.output_hu(cfg), want, rtol=1e-4, atol=1e-2)
     old = {f.name: getattr(cache, f.name) for f in fields(cache) if f.init and f.name not in ("y_ma", "trace",
@@ -193,6 +205,8 @@ def test_fusion_cache_with_the_safeguard_fuses_as_the_pipeline(case, tmp_path):
     assert again.score(OSROConfig())["psnr"] == cache.score(OSROConfig())["psnr"]
     with pytest.raises(ValueError, match="safeguard needs the measurement"):
         again.score(OSROConfig(safeguard=1.5))
+    with pytest.raises(ValueError, match="completion needs the measurement"):
+        again.score(OSROConfig(completion=True))
 
 
 class _Zero(torch.nn.Module):
@@ -245,7 +259,12 @@ def test_affine_norm_keeps_an_exact_image_prior_that_min_max_spoils(case):
     models["residual"].unet.x0 = torch.full_like(x_prior, 0.5)
     affine = OSROConfig(norm="affine", k=0.3, alpha=0.4, beta=0.6)
     outs = ablation_outputs(pipe, x, y, mask, trace, x_prior, y_prior, affine)
-    assert set(outs) == {r.name for r in TABLE_V}
+    assert set(outs) == {r.name for r in TABLE_V} - {"dudocrop_eq15"}  # the pipeline's own without the completion
+    done = ablation_outputs(pipe, x, y, mask, trace, x_prior, y_prior, replace(affine, completion=True))
+    assert set(done) == {r.name for r in TABLE_V} - {"dudocrop_completion"}
+    assert torch.allclose(done["dudocrop"], outs["dudocrop_completion"])
+    assert torch.allclose(done["dudocrop_eq15"], outs["dudocrop"])
+    assert torch.allclose(done["refine_norm"], outs["refine_norm"])  # Table V's rows stay the paper's
     want = pipe.combine(x, y, mask, trace, x_prior, y_prior, OSROConfig(norm="minmax", k=0.3, alpha=0.4, beta=0.6))
     assert torch.allclose(outs["dudocrop_minmax"], want[0], atol=1e-3)
 

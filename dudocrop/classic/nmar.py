@@ -48,7 +48,7 @@ from dudocrop.ct.operators import FanBeamOperator
 from dudocrop.ct.units import HU_AIR, MU_WATER, hu_to_mu, mu_to_hu
 
 __all__ = ["BONE_MIN_HU", "MAX_QUOTIENT", "MIN_QUOTIENT", "PRIOR_FLOOR_PX", "kmeans_thresholds", "nmar", "nmar_prior",
-           "normalized_interpolation"]
+           "normalized_interpolation", "prior_completion"]
 
 #: REFERENCE §3: the bone class starts at +200 HU at the lowest (1.2 mu_water in the public code).
 BONE_MIN_HU = 200.0
@@ -59,6 +59,8 @@ MAX_QUOTIENT = 2.0
 MIN_QUOTIENT = 1.0 / 3.0
 #: Meyer 2010 / public code: 5 x 5 Gaussian, sigma = 1 pixel.
 SMOOTH_SIZE, SMOOTH_SIGMA = 5, 1.0
+#: prior_completion: the Gaussian that refills a prior's metal pixels from their surroundings (sigma in px)
+FILL_SIZE, FILL_SIGMA = 25, 4.0
 #: k-means starts: air, water, twice water (0, mu_w, 2 mu_w), in HU.
 _KMEANS_INIT_HU = (-1000.0, 0.0, 1000.0)
 
@@ -140,6 +142,32 @@ def normalized_interpolation(y: torch.Tensor, trace: torch.Tensor, prior: torch.
     y_nmar = torch.minimum(y_nmar.clamp(min=0), y.amax(dim=(1, 2, 3), keepdim=True))
     # outside the trace the division and multiplication round-trip in floating point; keep the measurement exactly
     return torch.where(trace, y_nmar, y)
+
+
+def _fill_metal(x_hu: torch.Tensor, metal: torch.Tensor) -> torch.Tensor:
+    """The metal pixels of an image in HU replaced by what surrounds them (a Gaussian average of the non-metal
+    pixels, sigma = ``FILL_SIGMA`` px), kept within [air, water] as step 1 does: water inside the body, air for an
+    implant in the air; water where no non-metal pixel is near."""
+    k = _gaussian_kernel(FILL_SIZE, FILL_SIGMA, x_hu.dtype, x_hu.device)
+    keep = (~metal).to(x_hu.dtype)
+    pad = (FILL_SIZE // 2,) * 4
+    num = F.conv2d(F.pad(x_hu * keep, pad, mode="replicate"), k)
+    den = F.conv2d(F.pad(keep, pad, mode="replicate"), k)
+    fill = torch.where(den > 1e-3, num / den.clamp_min(1e-3), torch.zeros_like(num)).clamp(HU_AIR, 0.0)
+    return torch.where(metal, fill, x_hu)
+
+
+def prior_completion(prior_hu: torch.Tensor, Y_ma: torch.Tensor, metal: torch.Tensor, trace: torch.Tensor,
+                     op: FanBeamOperator, filter: str = "ram-lak", cutoff: float = 1.0) -> torch.Tensor:
+    """Step 4-5 with any prior image: the measured line integrals ``Y_ma`` completed across the bool ``trace`` by
+    :func:`normalized_interpolation` with ``prior_hu`` (N, 1, H, W, HU; its bool ``metal`` pixels refilled from
+    their surroundings) as the prior, then FBP: an image in HU without the metal reinserted.
+
+    Off the trace every measured ray is kept, so the prior only decides the trace; with a learned image as the
+    prior this is CNN-MAR's completion step (Zhang & Yu, IEEE TMI 37(6), 2018), the pipeline's
+    ``OSROConfig.completion``."""
+    prior = hu_to_mu(_fill_metal(prior_hu, metal)).clamp(min=0)
+    return mu_to_hu(op.fbp(normalized_interpolation(Y_ma, trace, prior, op), filter=filter, cutoff=cutoff))
 
 
 def nmar(Y_ma, metal_mask, X_ma, op: FanBeamOperator | FanBeamGeometry | str, *, trace=None, dilate: int = 0,

@@ -19,7 +19,7 @@ import torch
 from dudocrop.atomic import torch_save
 from dudocrop.data.normalize import Normalization
 from dudocrop.metrics.image import body_mask, image_metrics
-from dudocrop.pipeline.osro import OSROConfig, fuse, safeguard
+from dudocrop.pipeline.osro import OSROConfig, complete, fuse, safeguard
 from dudocrop.serialization import load_torch
 
 __all__ = ["FusionCache", "rank"]
@@ -90,7 +90,7 @@ class FusionCache:
         x_p_hat, x_o = fuse(self.X_p, self.X_p_prime, self.X_r_hat, self.region, cfg,
                             self._trust() if cfg.trust is not None else None)
         if cfg.safeguard is None or not cfg.fusion:
-            return x_p_hat, x_o, None
+            return x_p_hat, self._complete(x_o, cfg), None
         t = torch.zeros(x_o.shape[0])
         x_o = x_o.clone()
         for name, idx, guard in self._guards():
@@ -99,7 +99,27 @@ class FusionCache:
                 self._memo[key] = guard.residual(x_p_hat[idx])
             res = (self._memo[key], self._memo[("prime", name)], self._memo[("zero", name)])
             x_o[idx], t[idx], _ = safeguard(x_p_hat[idx], self.X_p_prime[idx], cfg, guard, res)
-        return x_p_hat, x_o, t
+        return x_p_hat, self._complete(x_o, cfg), t
+
+    def _complete(self, x_o: torch.Tensor, cfg: OSROConfig) -> torch.Tensor:
+        """``osro.complete`` per geometry (``OSROConfig.completion``), as the pipeline applies it."""
+        if not cfg.completion:
+            return x_o
+        if self.y_ma is None or self.trace is None or self.geometries is None:
+            raise ValueError("OSROConfig.completion needs the measurement in the fusion cache (Y_ma, the trace, the "
+                             "geometries); this cache was written without them: rebuild it")
+        from dudocrop.ct.operators import FanBeamOperator
+        from dudocrop.pipeline.model import completion_fn
+
+        out = torch.empty_like(x_o)
+        for name in sorted(set(self.geometries)):
+            idx = torch.as_tensor([i for i, g in enumerate(self.geometries) if g == name])
+            if ("op", name) not in self._memo:
+                self._memo[("op", name)] = FanBeamOperator(name)
+            fn = completion_fn(self.y_ma[idx], self.metal_mask[idx], self.trace[idx], self._memo[("op", name)],
+                               self.norm)
+            out[idx] = complete(x_o[idx], cfg, fn)
+        return out
 
     def _trust(self) -> torch.Tensor:
         """``osro.trust_map`` of every slice in its geometry, built once (OSROConfig.trust)."""

@@ -22,7 +22,7 @@ import torch
 
 from dudocrop.atomic import write_json
 from dudocrop.checks import INPUT_DTYPES, check_mask, check_tensor, parse_assignments
-from dudocrop.classic.nmar import nmar
+from dudocrop.classic.nmar import nmar, prior_completion
 from dudocrop.ct.geometry import CONVENTION_VERSION, FanBeamGeometry, check_convention, get_geometry
 from dudocrop.ct.operators import FanBeamOperator
 from dudocrop.ct.trace import metal_trace
@@ -302,7 +302,7 @@ class DuDoCROP:
         score = None
         if consistency and res is not None:
             score = res.consistency
-            if score is None:  # no safeguard ran: score X_o the way it would have
+            if score is None or (osro_config or self.config.osro).completion:  # score the final X_o as it would
                 chk = self.guard(x, y, mask, trace)
                 score = chk.score(res.X_o, chk.size(chk.residual(res.X_p_prime)))
         return DuDoCROPOutput(x_o, mask, res if return_priors else None,
@@ -324,8 +324,9 @@ class DuDoCROP:
             refine = self.refine if self.models["residual"] is not None else None
             guard = self.guard(x_ma_hu, y_ma, metal_mask, trace) if cfg.safeguard is not None else None
             trust = trust_map(trace, self.op) if cfg.trust is not None else None
+            completion = self.completion(y_ma, metal_mask, trace) if cfg.completion else None
             res = osro(x_prior, y_prior, self.norm.sino(y_ma), trace, self.fbp_unit, refine, region, cfg, guard,
-                       trust)
+                       trust, completion)
             x_o = res.X_o
         return self.to_hu(x_o, x_ma_hu, metal_mask), res
 
@@ -338,6 +339,11 @@ class DuDoCROP:
         ref = torch.where(metal_mask > 0, torch.zeros_like(x_ma_hu), x_ma_hu)
         return ConsistencyCheck.build(ref, y_ma, trace.to(torch.float32), self.op, metal_mask,
                                       to_hu=self.norm.image_to_hu)
+
+    def completion(self, y_ma: torch.Tensor, metal_mask: torch.Tensor, trace: torch.Tensor):
+        """``OSROConfig.completion`` for these slices: normalised image -> the FBP of ``y_ma`` (line integrals)
+        completed across the trace with that image as NMAR's prior (``classic.nmar.prior_completion``)."""
+        return completion_fn(y_ma, metal_mask, trace, self.op, self.norm)
 
     def to_hu(self, x_unit: torch.Tensor, x_ma_hu: torch.Tensor, metal_mask: torch.Tensor) -> torch.Tensor:
         """Normalised attenuation -> HU, with the metal of X_ma reinserted."""
@@ -359,8 +365,26 @@ class DuDoCROP:
             if trace is None:
                 raise ValueError("refuse with OSROConfig.trust needs the trace")
             trust = trust_map(trace, self.op)
-        _, x_o, _, _ = guarded_fuse(priors.X_p, priors.X_p_prime, priors.X_r_hat, region, cfg, guard, trust)
+        completion = None
+        if cfg.completion:
+            if y_ma is None or trace is None:
+                raise ValueError("refuse with OSROConfig.completion needs y_ma and trace (the measured sinogram)")
+            completion = self.completion(y_ma, metal_mask, trace)
+        _, x_o, _, _ = guarded_fuse(priors.X_p, priors.X_p_prime, priors.X_r_hat, region, cfg, guard, trust,
+                                    completion)
         return self.to_hu(x_o, x_ma_hu, metal_mask)
+
+
+def completion_fn(y_ma: torch.Tensor, metal_mask: torch.Tensor, trace: torch.Tensor, op, norm):
+    """``OSROConfig.completion`` on normalised image units (``norm``): x -> the FBP of ``y_ma`` (line integrals)
+    completed across ``trace`` with x as NMAR's prior (``classic.nmar.prior_completion``)."""
+    metal, tr = metal_mask > 0.5, trace > 0.5
+
+    def complete(x_unit: torch.Tensor) -> torch.Tensor:
+        hu = prior_completion(norm.image_to_hu(x_unit), y_ma.to(x_unit.dtype), metal, tr, op)
+        return (hu_to_mu(hu) / norm.mu_max).to(x_unit.dtype)  # unclipped, as fbp_unit
+
+    return complete
 
 
 def geometry_batches(geometries: Sequence[str] | None, n: int, batch_size: int) -> list[tuple[str | None, list[int]]]:

@@ -59,6 +59,11 @@ class OSROConfig:
     # crosses a pixel: X̂_p -> w·X̂_p + (1 − w)·X'_p before Eq. 15, w = min(1, f / trust), f the share of the pixel's
     # rays on the trace (trust_map). None: off (the paper)
     trust: float | None = None
+    # beyond the paper (issue 25, docs/val_decisions.md): X_o (after the safeguard) becomes the prior of NMAR's
+    # normalised interpolation of the measured Y_ma across M_s, and X_o = FBP of that completion
+    # (classic.nmar.prior_completion, CNN-MAR's step): every measured ray off the trace is kept, the learned image
+    # only decides the trace. False: X_o is Eq. 15's (the paper)
+    completion: bool = False
 
     def __post_init__(self):
         for name in ("k", "alpha", "beta"):
@@ -77,6 +82,8 @@ class OSROConfig:
         if self.trust is not None and not (isinstance(self.trust, int | float) and not isinstance(self.trust, bool)
                                            and 0.0 < self.trust <= 1.0):
             raise ValueError(f"OSROConfig.trust must be None or a share of rays in (0, 1], got {self.trust!r}")
+        if not isinstance(self.completion, bool):
+            raise ValueError(f"OSROConfig.completion must be true or false, got {self.completion!r}")
 
 
 def minmax_norm(delta: torch.Tensor, reference: torch.Tensor, region: torch.Tensor | None = None) -> torch.Tensor:
@@ -265,7 +272,7 @@ class OSROResult:
     X_p_hat: torch.Tensor  # Eq. 13-14
     X_o: torch.Tensor  # Eq. 15
     fallback: torch.Tensor | None = None  # (N,) safeguard: the share of X̂_p's weight moved to X'_p (0: none)
-    consistency: torch.Tensor | None = None  # (N,) safeguard: X_o's consistency score (X'_p's is 1)
+    consistency: torch.Tensor | None = None  # (N,) safeguard: X_o's consistency score (X'_p's is 1), before completion
 
 
 def trust_map(trace: torch.Tensor, op) -> torch.Tensor:
@@ -300,6 +307,15 @@ def fuse(X_p: torch.Tensor, X_p_prime: torch.Tensor, X_r_hat: torch.Tensor | Non
 #: 1.00-1.01x NMAR's error on 7 of 8 probe slices (1.11x on the eighth), an exact prior lost 0.00 dB. Calibrated on
 #: the retrained small's val split (docs/val_decisions.md): the smallest bound whose PSNR cost there is <= 0.2 dB
 DEFAULT_SAFEGUARD = 1.5
+#: the bound with OSROConfig.completion, whose measured-sinogram completion already undoes most of a wrong prior
+#: (docs/val_decisions.md, bench/completion_val.py): the smallest bound whose PSNR cost on small's val split is
+#: <= 0.1 dB, half the bar, since the bound 1.5 above cost 2.2x as much on test as on val
+DEFAULT_SAFEGUARD_COMPLETION = 2.0
+
+
+def default_safeguard(cfg: OSROConfig) -> float:
+    """The suggested safeguard bound for ``cfg``'s fusion: with or without the completion."""
+    return DEFAULT_SAFEGUARD_COMPLETION if cfg.completion else DEFAULT_SAFEGUARD
 
 
 def safeguard(X_p_hat: torch.Tensor, X_p_prime: torch.Tensor, cfg: OSROConfig, guard, residuals=None
@@ -339,18 +355,31 @@ def safeguard(X_p_hat: torch.Tensor, X_p_prime: torch.Tensor, cfg: OSROConfig, g
     return x_o, t, score
 
 
+def complete(X_o: torch.Tensor, cfg: OSROConfig, completion: Callable[[torch.Tensor], torch.Tensor] | None
+             ) -> torch.Tensor:
+    """``OSROConfig.completion``: X_o as the prior of the measured sinogram's completion across the trace
+    (``completion``, built by the pipeline: normalised image -> normalised image), else X_o unchanged."""
+    if not cfg.completion:
+        return X_o
+    if completion is None:
+        raise ValueError("OSROConfig.completion needs the measured sinogram's completion (completion=); the pipeline "
+                         "builds it from Y_ma and the trace")
+    return completion(X_o)
+
+
 def guarded_fuse(X_p: torch.Tensor, X_p_prime: torch.Tensor, X_r_hat: torch.Tensor | None,
-                 region: torch.Tensor | None, cfg: OSROConfig, guard=None, trust=None):
-    """:func:`fuse`, then :func:`safeguard` when ``cfg.safeguard`` is set and the fusion (Eq. 15) runs: (X̂_p, X_o,
-    fallback t or None, score or None). ``guard`` is required then."""
+                 region: torch.Tensor | None, cfg: OSROConfig, guard=None, trust=None, completion=None):
+    """:func:`fuse`, then :func:`safeguard` when ``cfg.safeguard`` is set and the fusion (Eq. 15) runs, then
+    :func:`complete`: (X̂_p, X_o, fallback t or None, score or None). ``guard`` is required with the safeguard,
+    ``completion`` with ``cfg.completion``."""
     X_p_hat, X_o = fuse(X_p, X_p_prime, X_r_hat, region, cfg, trust)
     if cfg.safeguard is None or not cfg.fusion:
-        return X_p_hat, X_o, None, None
+        return X_p_hat, complete(X_o, cfg, completion), None, None
     if guard is None:
         raise ValueError("OSROConfig.safeguard needs the measured-data consistency check (guard=); the pipeline "
                          "builds it from Y_ma and the trace")
     X_o, t, score = safeguard(X_p_hat, X_p_prime, cfg, guard)
-    return X_p_hat, X_o, t, score
+    return X_p_hat, complete(X_o, cfg, completion), t, score
 
 
 def osro(
@@ -364,11 +393,13 @@ def osro(
     cfg: OSROConfig = OSROConfig(),
     guard=None,
     trust=None,
+    completion=None,
 ) -> OSROResult:
     """Eq. 10-15 given the diffusion priors ε2(X_ma) (``x_prior``) and ε1(Y_ma) (``y_prior``).
 
     ``fbp`` maps a normalised sinogram to a normalised image; ``refine`` is the residual-domain IR-SDE ε3
-    (None or ``cfg.residual_refine=False`` skips Eq. 13); ``guard`` the consistency check ``cfg.safeguard`` needs.
+    (None or ``cfg.residual_refine=False`` skips Eq. 13); ``guard`` the consistency check ``cfg.safeguard`` needs,
+    ``completion`` the measured sinogram's completion ``cfg.completion`` needs (:func:`complete`).
     """
     x_prior = check_tensor(x_prior, "x_prior", ndim=4)
     y_prior = check_tensor(y_prior, "y_prior", ndim=4)
@@ -382,5 +413,5 @@ def osro(
     X_p = norm(x_prior, X_p_prime, region, cfg) if cfg.normalize else x_prior  # Eq. 12
     X_r_in = X_p - X_p_prime
     X_r_hat = refine(X_r_in) if (cfg.residual_refine and refine is not None) else None
-    X_p_hat, X_o, t, score = guarded_fuse(X_p, X_p_prime, X_r_hat, region, cfg, guard, trust)
+    X_p_hat, X_o, t, score = guarded_fuse(X_p, X_p_prime, X_r_hat, region, cfg, guard, trust, completion)
     return OSROResult(Y_p, X_p_prime, X_p, X_r_in, X_r_hat, X_p_hat, X_o, t, score)
