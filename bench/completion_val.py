@@ -18,39 +18,28 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import time
 from dataclasses import replace
 
 from dudocrop.atomic import write_json
 from dudocrop.metrics.image import image_metrics
-from dudocrop.pipeline.model import pipeline_config_from_dict
 from tune_spaces.fusion import fusion_space
 
 
 def main(argv=None) -> int:
-    from bench.safeguard_val import load_cache
+    from bench.safeguard_val import add_cache_args, load_cache, model_osro
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cache", required=True)
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--models", required=True)
-    ap.add_argument("--split", default="val")
+    add_cache_args(ap)
     ap.add_argument("--points", type=int, default=5, help="grid values per factor (tune_fusion --points)")
     ap.add_argument("--margin", type=float, default=0.2)
     ap.add_argument("--bounds", default="1.25,1.5,2,3")
     ap.add_argument("--factors", default=None, help="k,alpha,beta for both fusions instead of tuning them "
                     "(a split that only reports, such as test: the factors chosen on val)")
-    ap.add_argument("--build", action="store_true")
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--max-slices", type=int, default=32)
-    ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     t0 = time.time()
     cache = load_cache(a)
-    with open(os.path.join(a.models, "pipeline.json")) as f:
-        base = replace(pipeline_config_from_dict(json.load(f)["pipeline"]).osro, safeguard=None, trust=None,
-                       completion=False)
+    base = model_osro(a.models, safeguard=None, trust=None, completion=False)
 
     def metrics(cfg):
         m = image_metrics(cache.output_hu(cfg), cache.x_ref_hu, cache.metal_mask, cache.roi)

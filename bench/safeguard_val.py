@@ -26,9 +26,28 @@ from dudocrop.atomic import write_json
 from dudocrop.eval.fusion import FusionCache
 from dudocrop.metrics.image import image_metrics
 from dudocrop.pipeline.model import DuDoCROP, pipeline_config_from_dict
+from dudocrop.pipeline.osro import OSROConfig
 from dudocrop.train.rows import load_split
 
 COLUMNS = ["case_id", "X_ma", "X_ref", "Y_ma", "metal_mask", "metal_trace", "geometry"]
+
+
+def add_cache_args(ap: argparse.ArgumentParser) -> None:
+    """The arguments every fusion-cache bench takes (this one, ``trust_val``, ``completion_val``)."""
+    ap.add_argument("--cache", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--models", required=True, help="the model folder (its factors; --build samples with it)")
+    ap.add_argument("--split", default="val")
+    ap.add_argument("--build", action="store_true")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--max-slices", type=int, default=32)
+    ap.add_argument("--json", default=None)
+
+
+def model_osro(models: str, **changes) -> OSROConfig:
+    """The OSRO settings in ``models``' pipeline.json, with ``changes``."""
+    with open(os.path.join(models, "pipeline.json")) as f:
+        return replace(pipeline_config_from_dict(json.load(f)["pipeline"]).osro, **changes)
 
 
 def load_cache(a) -> FusionCache:
@@ -57,25 +76,16 @@ def load_cache(a) -> FusionCache:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cache", required=True)
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--models", required=True, help="the model folder (its factors; --build samples with it)")
-    ap.add_argument("--split", default="val")
+    add_cache_args(ap)
     ap.add_argument("--bounds", default="1.5,2,2.5,3,4,6,10")
     ap.add_argument("--max-cost", type=float, default=0.2, help="dB of PSNR the safeguard may cost on the split")
     ap.add_argument("--factors", default=None, help="k,alpha,beta (default: the model's pipeline.json)")
-    ap.add_argument("--build", action="store_true")
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--max-slices", type=int, default=32)
-    ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     t0 = time.time()
     cache = load_cache(a)
-    with open(os.path.join(a.models, "pipeline.json")) as f:
-        cfg = pipeline_config_from_dict(json.load(f)["pipeline"]).osro
+    cfg = model_osro(a.models, safeguard=None)
     if a.factors:
         cfg = replace(cfg, **dict(zip(("k", "alpha", "beta"), (float(v) for v in a.factors.split(",")))))
-    cfg = replace(cfg, safeguard=None)
 
     def scores(c):
         _, x_o, t = cache.fused(c)

@@ -13,32 +13,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from dataclasses import replace
 
 from dudocrop.atomic import write_json
 from dudocrop.metrics.image import image_metrics
-from dudocrop.pipeline.model import pipeline_config_from_dict
 
 
 def main(argv=None) -> int:
-    from bench.safeguard_val import load_cache
+    from bench.safeguard_val import add_cache_args, load_cache, model_osro
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cache", required=True)
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--models", required=True)
-    ap.add_argument("--split", default="val")
+    add_cache_args(ap)
     ap.add_argument("--values", default="0.01,0.02,0.05,0.1,0.2,0.3,0.4,0.5,0.7,1")
     ap.add_argument("--max-cost", type=float, default=0.2)
-    ap.add_argument("--build", action="store_true")
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--max-slices", type=int, default=32)
-    ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     cache = load_cache(a)
-    with open(os.path.join(a.models, "pipeline.json")) as f:
-        cfg = replace(pipeline_config_from_dict(json.load(f)["pipeline"]).osro, safeguard=None, trust=None)
+    cfg = model_osro(a.models, safeguard=None, trust=None)
 
     def psnr(c):
         m = image_metrics(cache.output_hu(c), cache.x_ref_hu, cache.metal_mask, cache.roi)
