@@ -86,7 +86,8 @@ def shard_priors(data: str, models: str, shard: str, steps: int | None, batch_si
     cols = {k: t[k].combine_chunks().to_numpy_ndarray() for k in ("X_ma", "Y_ma", "metal_mask", "metal_trace")}
     xp = np.zeros((t.num_rows, *g.image_shape), np.float32)
     xpp = np.zeros_like(xp)
-    cfg = replace(model.config.osro, residual_refine=False)  # Eq. 10-12 as pipeline.json says
+    # Eq. 10-12 as pipeline.json says; what acts on Eq. 15's output (safeguard, trust, completion) has no say here
+    cfg = replace(model.config.osro, residual_refine=False, safeguard=None, trust=None, completion=False)
     # each slice in its own geometry (AAPM head slices among body slices: DuDoCROP.at)
     for geom, idx in geometry_batches(t["geometry"].to_pylist(), t.num_rows, batch_size):
         m = model.at(geom)
