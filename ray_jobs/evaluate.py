@@ -131,6 +131,10 @@ def run(a: argparse.Namespace) -> dict:
              *_fusion_note(model.fusion, given=any(v is not None for v in (a.k, a.alpha, a.beta))),
              "PSNR / SSIM over the full CT range [-1024, 3072] HU, outside the metal, inside the body of the "
              "reference (dudocrop.metrics.image).", PANEL_LEGEND]
+    if cfg.completion:
+        notes.append("The full pipeline's rows (residual refining + fusion, its min-max variant, the safeguard) end "
+                     "with the measured sinogram's completion (OSROConfig.completion, beyond the paper: X_o decides "
+                     "only the metal trace); the \"Eq. 15 output\" row is the same pipeline without it.")
     try:
         lp = LPIPSMetric(a.lpips_weights, device=device)
         notes.append(backbone_note(lp.weights_path))

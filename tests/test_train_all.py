@@ -73,6 +73,7 @@ def test_train_all_runs_every_stage_then_resumes_doing_nothing(tmp_path, ray_ses
     meta = json.loads((out / "models" / "pipeline.json").read_text())
     assert meta["fusion"]["split"] == "val" and meta["fusion"]["trials"] == 27
     assert meta["pipeline"]["osro"]["completion"] is True  # the tiny preset's measured-sinogram completion, tuned with
+    assert "end with the measured sinogram's completion" in report and "without the sinogram completion" in report
     assert {meta["pipeline"]["osro"][f] for f in ("k", "alpha", "beta")} <= {0.0, 0.5, 1.0}
     # Tune chose what an independent grid search over the cached priors chooses, and scored it the same: the grid
     # holds k = α = β = 0.5, so "tuned >= untuned" alone holds for any choice of Tune's that is not the worst
