@@ -106,11 +106,12 @@ def test_train_all_runs_every_stage_then_resumes_doing_nothing(tmp_path, ray_ses
 @pytest.mark.timeout(1800)
 def test_the_quickstart_run_matches_nmar(tmp_path, ray_session):
     """The README's quickstart exactly (``python ray_jobs/train_all.py``: the tiny preset, all its steps; 6-9 min
-    on 2 cores): DuDoCROP on the test slices is within 0.5 dB of NMAR or better, with factors chosen on val."""
+    on 2 cores): DuDoCROP on the test slices is above NMAR (39.87 against 38.23 dB measured; the completion of the
+    measured sinogram turned 38.70 into that), with factors chosen on val."""
     out = tmp_path / "run"
     train_all.run(train_all.parse_args(["--out", str(out)]))
     dudocrop, nmar = _dudocrop_against_nmar(out)
-    assert dudocrop >= nmar - 0.5, (dudocrop, nmar)
+    assert dudocrop > nmar + 0.5, (dudocrop, nmar)
     assert (out / "report" / "report.md").read_text().startswith("**Preset `tiny`**")
 
 
