@@ -97,8 +97,8 @@ class MARModel:
         return {"model_version": self.version, "geometry": g.name, "image_size": g.image_size,
                 "pixel_size_mm": g.pixel_size, "device": self.device, "precision": self.precision,
                 "steps": self.model.config.steps, "metal_threshold_hu": self.model.config.metal_threshold_hu,
-                "osro": {"k": self.model.config.osro.k, "alpha": self.model.config.osro.alpha,
-                         "beta": self.model.config.osro.beta},
+                "osro": {f: getattr(self.model.config.osro, f) for f in ("k", "alpha", "beta", "safeguard", "trust",
+                                                                         "completion")},
                 "max_batch_size": self.settings.max_batch_size, "steps_table": self.steps_table}
 
     async def check_health(self) -> None:

@@ -80,6 +80,7 @@ def test_healthz_names_the_model(svc):
     h = r.json()
     assert h["geometry"] == "tiny" and h["device"] == "cpu" and h["precision"] == "fp32" and h["steps"] == 1
     assert h["model_version"].startswith("model@")
+    assert set(h["osro"]) == {"k", "alpha", "beta", "safeguard", "trust", "completion"}  # what the fusion does
     # the model folder's speed / quality table (ray_jobs/steps_sweep.py), without its refit column
     assert h["steps_table"]["split"] == "val" and [r["steps"] for r in h["steps_table"]["rows"]] == [1, 5]
     assert h["steps_table"]["rows"][1] == {k: v for k, v in STEPS_TABLE["rows"][1].items() if k != "psnr_refit"}
