@@ -16,14 +16,13 @@ priors when the file does not exist):
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import time
 from dataclasses import replace
 
 from dudocrop.atomic import write_json
 from dudocrop.metrics.image import image_metrics
-from tune_spaces.fusion import fusion_space
+from tune_spaces.fusion import grid_candidates
 
 
 def main(argv=None) -> int:
@@ -49,9 +48,7 @@ def main(argv=None) -> int:
         given = dict(zip(("k", "alpha", "beta"), (float(v) for v in a.factors.split(","))))
         chosen = {c: replace(base, completion=c, **given) for c in (False, True)}
     else:
-        space = fusion_space("grid", a.points)
-        cands = [dict(zip(("k", "alpha", "beta"), v)) for v in
-                 itertools.product(*(space[f]["grid_search"] for f in ("k", "alpha", "beta")))]
+        cands = grid_candidates(a.points)
         chosen = {c: cache.best(replace(base, completion=c), cands)[0] for c in (False, True)}
     out = {"split": a.split, "slices": len(cache.case_ids), "fusions": {}}
     for c, cfg in chosen.items():

@@ -26,6 +26,7 @@ from dudocrop.eval.fusion import FusionCache
 from dudocrop.metrics.image import CT_RANGE_HU, _normalise, image_metrics, psnr
 from dudocrop.pipeline.osro import OSROConfig, fuse
 from dudocrop.train.rows import load_split
+from tune_spaces.fusion import grid_values
 
 #: held-out PSNR within this of the best grid counts as a tie, broken toward the coarser grid
 TIE_DB = 0.02
@@ -43,7 +44,7 @@ def grid_scores(cache: FusionCache, base: OSROConfig, points: int) -> dict:
     """PSNR per slice (N,) of every (k, α, β) on the grid, and of X̂_p per k (rank's tie-break). Eq. 15 for all
     (α, β) of one k at once on the scored pixels (the metal, whose X_o is X_ma's, is not scored); checked against
     ``metrics.image.psnr`` on a few points."""
-    vals = [round(float(v), 4) for v in np.linspace(0.0, 1.0, points)]
+    vals = grid_values(points)
     ab = torch.tensor([(a, b) for a in vals for b in vals], dtype=torch.float64)
     keep = (cache.roi & ~(cache.metal_mask > 0))[:, 0]
     ref = _normalise(cache.x_ref_hu.double(), CT_RANGE_HU)[:, 0]

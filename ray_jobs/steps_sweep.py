@@ -66,12 +66,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(a: argparse.Namespace) -> dict:
-    import numpy as np
 
     from dudocrop.eval.sweep_plots import plot_steps_sweep
     from dudocrop.pipeline.model import PIPELINE_FILE, DuDoCROP, pipeline_config_from_dict
     from ray_jobs.tune_fusion import build_cache
-    from tune_spaces.fusion import FACTORS
+    from tune_spaces.fusion import FACTORS, grid_candidates
 
     meta_path = os.path.join(a.models, PIPELINE_FILE)
     if not os.path.isfile(meta_path):
@@ -79,8 +78,7 @@ def run(a: argparse.Namespace) -> dict:
     with open(meta_path) as f:
         stored = pipeline_config_from_dict(json.load(f).get("pipeline", {}))
     base = replace(stored.osro, normalize=True, fidelity=True, residual_refine=True, fusion=True)
-    grid = [dict(zip(FACTORS, (k, al, be), strict=True)) for k in np.linspace(0, 1, 5) for al in np.linspace(0, 1, 5)
-            for be in np.linspace(0, 1, 5)]
+    grid = grid_candidates(5)
     device = "cuda" if a.gpu else "cpu"
     if not a.gpu:
         import torch
