@@ -158,16 +158,19 @@ def _fill_metal(x_hu: torch.Tensor, metal: torch.Tensor) -> torch.Tensor:
 
 
 def prior_completion(prior_hu: torch.Tensor, Y_ma: torch.Tensor, metal: torch.Tensor, trace: torch.Tensor,
-                     op: FanBeamOperator, filter: str = "ram-lak", cutoff: float = 1.0) -> torch.Tensor:
+                     op: FanBeamOperator, filter: str = "ram-lak", cutoff: float = 1.0, return_sinogram: bool = False):
     """Step 4-5 with any prior image: the measured line integrals ``Y_ma`` completed across the bool ``trace`` by
     :func:`normalized_interpolation` with ``prior_hu`` (N, 1, H, W, HU; its bool ``metal`` pixels refilled from
-    their surroundings) as the prior, then FBP: an image in HU without the metal reinserted.
+    their surroundings) as the prior, then FBP: an image in HU without the metal reinserted (and the completed
+    line integrals with ``return_sinogram``, as :func:`nmar`).
 
     Off the trace every measured ray is kept, so the prior only decides the trace; with a learned image as the
     prior this is CNN-MAR's completion step (Zhang & Yu, IEEE TMI 37(6), 2018), the pipeline's
     ``OSROConfig.completion``."""
     prior = hu_to_mu(_fill_metal(prior_hu, metal)).clamp(min=0)
-    return mu_to_hu(op.fbp(normalized_interpolation(Y_ma, trace, prior, op), filter=filter, cutoff=cutoff))
+    y = normalized_interpolation(Y_ma, trace, prior, op)
+    x = mu_to_hu(op.fbp(y, filter=filter, cutoff=cutoff))
+    return (x, y) if return_sinogram else x
 
 
 def nmar(Y_ma, metal_mask, X_ma, op: FanBeamOperator | FanBeamGeometry | str, *, trace=None, dilate: int = 0,
