@@ -108,18 +108,26 @@ class FusionCache:
         if self.y_ma is None or self.trace is None or self.geometries is None:
             raise ValueError("OSROConfig.completion needs the measurement in the fusion cache (Y_ma, the trace, the "
                              "geometries); this cache was written without them: rebuild it")
-        from dudocrop.ct.operators import FanBeamOperator
         from dudocrop.pipeline.model import completion_fn
 
         out = torch.empty_like(x_o)
-        for name in sorted(set(self.geometries)):
-            idx = torch.as_tensor([i for i, g in enumerate(self.geometries) if g == name])
-            if ("op", name) not in self._memo:
-                self._memo[("op", name)] = FanBeamOperator(name)
-            fn = completion_fn(self.y_ma[idx], self.metal_mask[idx], self.trace[idx], self._memo[("op", name)],
-                               self.norm)
+        for name, idx in self._by_geometry():
+            fn = completion_fn(self.y_ma[idx], self.metal_mask[idx], self.trace[idx], self._op(name), self.norm)
             out[idx] = complete(x_o[idx], cfg, fn)
         return out
+
+    def _by_geometry(self) -> list[tuple[str, torch.Tensor]]:
+        """[(geometry name, the indices of its slices)], in name order."""
+        return [(name, torch.as_tensor([i for i, g in enumerate(self.geometries) if g == name]))
+                for name in sorted(set(self.geometries))]
+
+    def _op(self, name: str):
+        """The fan-beam operator of geometry ``name``, built once per cache (and per Tune worker)."""
+        if ("op", name) not in self._memo:
+            from dudocrop.ct.operators import FanBeamOperator
+
+            self._memo[("op", name)] = FanBeamOperator(name)
+        return self._memo[("op", name)]
 
     def _trust(self) -> torch.Tensor:
         """``osro.trust_map`` of every slice in its geometry, built once (OSROConfig.trust)."""
@@ -127,13 +135,11 @@ class FusionCache:
             if self.trace is None or self.geometries is None:
                 raise ValueError("OSROConfig.trust needs the trace in the fusion cache; this cache was written "
                                  "without it: rebuild it")
-            from dudocrop.ct.operators import FanBeamOperator
             from dudocrop.pipeline.osro import trust_map
 
             out = torch.zeros_like(self.X_p)
-            for name in sorted(set(self.geometries)):
-                idx = torch.as_tensor([i for i, g in enumerate(self.geometries) if g == name])
-                out[idx] = trust_map(self.trace[idx], FanBeamOperator(name))
+            for name, idx in self._by_geometry():
+                out[idx] = trust_map(self.trace[idx], self._op(name))
             self._memo["trust"] = out
         return self._memo["trust"]
 
@@ -146,14 +152,12 @@ class FusionCache:
             raise ValueError("OSROConfig.safeguard needs the measurement in the fusion cache (Y_ma, the trace, the "
                              "geometries); this cache was written without them: rebuild it (tune_fusion samples "
                              "the priors again)")
-        from dudocrop.ct.operators import FanBeamOperator
         from dudocrop.metrics.consistency import ConsistencyCheck
 
         out = []
-        for name in sorted(set(self.geometries)):
-            idx = torch.as_tensor([i for i, g in enumerate(self.geometries) if g == name])
+        for name, idx in self._by_geometry():
             ref = torch.where(self.metal_mask[idx] > 0, torch.zeros_like(self.x_ma_hu[idx]), self.x_ma_hu[idx])
-            guard = ConsistencyCheck.build(ref, self.y_ma[idx], self.trace[idx], FanBeamOperator(name),
+            guard = ConsistencyCheck.build(ref, self.y_ma[idx], self.trace[idx], self._op(name),
                                            self.metal_mask[idx], to_hu=self.norm.image_to_hu)
             self._memo[("prime", name)] = guard.residual(self.X_p_prime[idx])
             self._memo[("zero", name)] = guard.residual(torch.zeros_like(self.X_p_prime[idx]))
